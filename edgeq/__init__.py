@@ -1,0 +1,16 @@
+"""edgeq: turn an FP32 model into the smallest, fastest one that meets your accuracy budget, and prove it.
+
+>>> import edgeq
+>>> model = edgeq.load("model.onnx")                                                   # doctest: +SKIP
+>>> q = edgeq.quantize(model, edgeq.Int8Static(), calib=edgeq.Dataset.from_npz("calib.npz"))  # doctest: +SKIP
+>>> q.save("model_int8.onnx")                                                          # doctest: +SKIP
+"""
+from edgeq.data import Dataset, ImagePreset, open_data
+from edgeq.errors import UserError
+from edgeq.model import Model, TensorSpec, load
+from edgeq.quantize import QuantizedModel, quantize
+from edgeq.quantize.config import Fp16, Int8Dynamic, Int8Static
+
+__all__ = ["Dataset", "Fp16", "ImagePreset", "Int8Dynamic", "Int8Static", "Model", "QuantizedModel", "TensorSpec",
+           "UserError", "load", "open_data", "quantize"]
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""Recipes: a config object says what to produce; `edgeq.quantize` does it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ONNX Runtime's CPU provider runs these in int8 after QDQ fusion. Elementwise ops (Add, Mul) and pooling
+# also have int8 kernels, but on real models (PP-OCR det, measured) quantizing them adds requantization work
+# and loses accuracy for no speed: compute-heavy ops only by default.
+STATIC_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Dynamic quantization turns Conv into ConvInteger, 5-8x slower than FP32 on x86 CPUs: matrix ops only.
+DYNAMIC_OP_TYPES = ("MatMul", "Gemm", "Attention", "LSTM", "GRU")
+# Float16 is unsafe for ops whose intermediate sums or exponentials overflow or lose too much precision.
+FP16_BLOCK_OPS = ("Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2",
+                  "Pow", "Sqrt", "Exp", "Log", "Erf", "Range", "CumSum", "TopK", "NonMaxSuppression", "RoiAlign", "Resize",
+                  "Upsample", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike")
+
+
+@dataclass(frozen=True)
+class Fp16:
+    """Weights and activations in float16; inputs/outputs stay float32 unless `keep_io_types` is False.
+
+    >>> edgeq.quantize(model, edgeq.Fp16(block_ops=edgeq.Fp16().block_ops + ("Sigmoid",)))   # doctest: +SKIP
+    """
+
+    keep_io_types: bool = True
+    block_ops: tuple[str, ...] = FP16_BLOCK_OPS
+    block_nodes: tuple[str, ...] = ()
+
+    precision = "fp16"
+
+
+@dataclass(frozen=True)
+class Int8Dynamic:
+    """Int8 weights (per channel where the op allows), activations quantized at run time.
+
+    `op_types` adds ops; including Conv is allowed but reported with its measured slowdown.
+    """
+
+    per_channel: bool = True
+    op_types: tuple[str, ...] = DYNAMIC_OP_TYPES
+    exclude_nodes: tuple[str, ...] = ()
+
+    precision = "int8"
+    mode = "dynamic"
+
+
+@dataclass(frozen=True)
+class Int8Static:
+    """Static INT8 in QDQ format: int8 symmetric weights (per channel by default), activation ranges calibrated.
+
+    activation_type "uint8" (asymmetric) is the fast path on x86 (VNNI u8×s8); "int8" suits NPUs that want it.
+
+    >>> cfg = Int8Static(method="percentile", percentile=99.99)
+    >>> cfg.per_channel, cfg.activation_type
+    (True, 'uint8')
+    """
+
+    method: str = "minmax"
+    percentile: float = 99.99
+    per_channel: bool = True
+    activation_type: str = "uint8"
+    op_types: tuple[str, ...] = STATIC_OP_TYPES
+    exclude_nodes: tuple[str, ...] = ()
+    batch_size: int = 16
+    max_samples: int | None = None
+
+    precision = "int8"
+    mode = "static"

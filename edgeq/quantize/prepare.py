@@ -1,0 +1,108 @@
+"""Make exported models quantizable: weights out of Constant nodes, an opset with per-channel QDQ, BatchNorm folded.
+
+Many exporters (Paddle, old TF converters) store weights in Constant nodes; a quantizer that only looks at
+initializers then quantizes activations alone and the model grows. Per-channel DequantizeLinear needs opset 13.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper, version_converter
+
+from edgeq.model import Model, opset_of
+
+PER_CHANNEL_OPSET = 13
+
+
+def constants_to_initializers(proto: onnx.ModelProto) -> int:
+    """Move tensors held by Constant nodes of the main graph into initializers; returns how many moved."""
+    graph = proto.graph
+    kept, moved = [], 0
+    for node in graph.node:
+        tensor = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if tensor is None:
+            kept.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return moved
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    attr = node.attribute[0] if len(node.attribute) == 1 else None
+    if attr is None:
+        return None
+    if attr.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attr.t)
+        return tensor
+    import numpy as np
+
+    values = {"value_float": (attr.f, np.float32), "value_floats": (list(attr.floats), np.float32),
+              "value_int": (attr.i, np.int64), "value_ints": (list(attr.ints), np.int64)}
+    if attr.name not in values:
+        return None  # sparse tensors and strings stay as nodes
+    value, dtype = values[attr.name]
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype))
+
+
+def upgrade_opset(proto: onnx.ModelProto, target: int = PER_CHANNEL_OPSET) -> tuple[onnx.ModelProto, str | None]:
+    """Convert to `target` when older; returns the model and a note when conversion was needed or failed."""
+    current = opset_of(proto)
+    if current >= target:
+        return proto, None
+    try:
+        upgraded = version_converter.convert_version(proto, target)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:
+        return proto, f"opset {current} could not be upgraded to {target} ({str(exc).splitlines()[0][:120]}): weights per tensor"
+    return upgraded, f"upgraded opset {current} → {target} for per-channel quantization"
+
+
+def optimize_basic(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's hardware-independent rewrites (constant folding, Conv+BatchNorm/Add/Mul fusion), with only
+    standard ONNX ops in the result, so the quantizer sees the graph that will run."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "basic.onnx"
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(out)
+        opts.log_severity_level = 3
+        large = proto.ByteSize() > 2**31 - 2**24
+        if large:
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "basic.onnx.data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            src = Path(tmp) / "src.onnx"
+            onnx.save_model(proto, str(src), save_as_external_data=True, location="src.onnx.data")
+            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        else:
+            ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(str(out))
+
+
+def prepare(model: Model, *, per_channel: bool) -> tuple[Model, list[str]]:
+    """Return a quantizable copy of the model and notes on what was changed."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    notes: list[str] = []
+    moved = constants_to_initializers(proto)
+    if moved:
+        notes.append(f"moved {moved} Constant-node tensors to initializers")
+    if per_channel:
+        proto, note = upgrade_opset(proto)
+        if note:
+            notes.append(note)
+    proto = optimize_basic(proto)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        notes.append("shape inference failed; quantizing without full type information")
+    return Model(proto, model.path), notes
