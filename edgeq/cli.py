@@ -1,0 +1,215 @@
+"""Command line: parses, calls the API, renders with rich. No logic of its own.
+
+Exit codes: 0 done, 2 user error (one line on stderr), 1 a bug (a short line; the traceback with --debug).
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from edgeq.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize FP32 models for edge targets, benchmark them, validate them, and decide by evidence.")
+out = Console()
+
+
+class Precision(str, Enum):
+    fp16 = "fp16"
+    int8 = "int8"
+    int4 = "int4"
+
+
+class Mode(str, Enum):
+    dynamic = "dynamic"
+    static = "static"
+
+
+class Method(str, Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+
+
+class ActivationType(str, Enum):
+    uint8 = "uint8"
+    int8 = "int8"
+
+
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Preset = Annotated[str, typer.Option("--preset", help="Image preprocessing preset for image folders: raw, imagenet, ppocr, grey.")]
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the quantized model.")],
+    precision: Annotated[Precision, typer.Option(help="Target precision.")] = Precision.int8,
+    mode: Annotated[Mode, typer.Option(help="INT8 mode: static (calibrated, fastest) or dynamic (runtime scales).")] = Mode.static,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration DATA for static INT8.")] = None,
+    method: Annotated[Method, typer.Option(help="Calibration method for activation ranges.")] = Method.minmax,
+    percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = True,
+    activation_type: Annotated[ActivationType, typer.Option(help="Activation integer type (uint8 is fastest on x86).")] = ActivationType.uint8,
+    op_types: Annotated[Optional[str], typer.Option(help="Comma-separated op types to quantize (default: the fast set).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Node names to keep in float (repeatable).")] = None,
+    fp16_keep: Annotated[Optional[str], typer.Option(help="FP16: comma-separated op types to keep in FP32 (replaces the default list).")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many calibration samples.")] = None,
+    preset: Preset = "raw",
+    summary_json: Annotated[Optional[Path], typer.Option(help="Also write what was done as JSON.")] = None,
+    force: Force = False,
+) -> None:
+    """Quantize MODEL to FP16 or INT8 (dynamic or static QDQ)."""
+    import edgeq
+    from edgeq import atomic
+    from edgeq.quantize import config as cfg
+    from edgeq.render import print_quant_summary
+
+    atomic.check_writable(output, force=force, protect=(model,))
+    if summary_json:
+        atomic.check_writable(summary_json, force=force, protect=(model, output))
+    source = edgeq.load(model)
+    ops = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
+    if precision is Precision.fp16:
+        config = cfg.Fp16(block_ops=tuple(s.strip() for s in fp16_keep.split(",") if s.strip()) if fp16_keep is not None else cfg.FP16_BLOCK_OPS,
+                          block_nodes=tuple(exclude or ()))
+        data = None
+    elif precision is Precision.int4:
+        raise UserError("INT4 weight-only quantization is not in this version yet", "use --precision int8 or fp16")
+    elif mode is Mode.dynamic:
+        config = cfg.Int8Dynamic(per_channel=per_channel, op_types=ops or cfg.DYNAMIC_OP_TYPES, exclude_nodes=tuple(exclude or ()))
+        data = None
+    else:
+        if calib is None:
+            raise UserError("static INT8 needs calibration data", "pass --calib DATA, or use --mode dynamic")
+        config = cfg.Int8Static(method=method.value, percentile=percentile, per_channel=per_channel,
+                                activation_type=activation_type.value, op_types=ops or cfg.STATIC_OP_TYPES,
+                                exclude_nodes=tuple(exclude or ()), max_samples=max_samples)
+        data = edgeq.open_data(calib, preset)
+    result = edgeq.quantize(source, config, calib=data)
+    result.save(output, force=force)
+    print_quant_summary(out, source, result, output)
+    if summary_json:
+        atomic.write_json(summary_json, result.summary.to_dict())
+
+
+@app.command()
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="ONNX models to measure.")],
+    threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 1,
+    runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 50,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 5,
+    data: Annotated[Optional[Path], typer.Option(help="DATA to feed (first batch); random inputs otherwise.")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size for dynamic batch dimensions.")] = 1,
+    shape: Annotated[Optional[list[str]], typer.Option(help="Input shape for dynamic dims, e.g. x=1,3,736,992 (repeatable).")] = None,
+    preset: Preset = "raw",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON.")] = None,
+    force: Force = False,
+) -> None:
+    """Measure size, latency p50/p90/p99, throughput and peak memory (one process per model)."""
+    from edgeq import atomic
+    from edgeq.bench import BenchConfig, bench_table, benchmark, parse_shapes
+
+    if json_out:
+        atomic.check_writable(json_out, force=force, protect=tuple(models))
+    config = BenchConfig(threads=threads, runs=runs, warmup=warmup, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
+    records = benchmark(models, config)
+    out.print(bench_table(records))
+    if json_out:
+        atomic.write_json(json_out, {"config": config.to_dict(), "models": [r.to_dict() for r in records]})
+
+
+@app.command()
+def validate(
+    model: Annotated[Path, typer.Argument(help="ONNX model to evaluate.")],
+    data: Annotated[Path, typer.Option(help="Validation DATA (labels give top-1 or MAE/RMSE).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Results JSON.")],
+    reference: Annotated[Optional[Path], typer.Option(help="Reference model for fidelity when the data has no labels.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per run.")] = 32,
+    preset: Preset = "raw",
+    force: Force = False,
+) -> None:
+    """Compute the metric of MODEL on DATA, with a 95% confidence interval, and write per-sample results."""
+    from edgeq import atomic
+    from edgeq.evaluate import print_validation, validate as run_validate
+
+    atomic.check_writable(output, force=force, protect=(model,) + ((reference,) if reference else ()))
+    import edgeq
+
+    record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size)
+    atomic.write_json(output, record.to_dict())
+    print_validation(out, record)
+
+
+@app.command()
+def compare(
+    base: Annotated[Path, typer.Argument(help="Validation JSON of the base model (e.g. FP32).")],
+    candidate: Annotated[Path, typer.Argument(help="Validation JSON of the candidate (e.g. INT8).")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the comparison as JSON.")] = None,
+    ship_below: Annotated[float, typer.Option(help="Ship when the drop (points) is below this.")] = 1.0,
+    qat_up_to: Annotated[float, typer.Option(help="Try QAT when the drop is up to this; stay FP16 above.")] = 3.0,
+    force: Force = False,
+) -> None:
+    """Compare two validation results and give the verdict: ship, try-qat or stay-fp16."""
+    from edgeq import atomic
+    from edgeq.decide import DecisionRule
+    from edgeq.evaluate import compare as run_compare, print_comparison, read_validation
+
+    if json_out:
+        atomic.check_writable(json_out, force=force, protect=(base, candidate))
+    comparison = run_compare(read_validation(base), read_validation(candidate), DecisionRule(ship_below=ship_below, qat_up_to=qat_up_to))
+    print_comparison(out, comparison)
+    if json_out:
+        atomic.write_json(json_out, comparison.to_dict())
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for models and the report.")] = Path("demo-out"),
+    epochs: Annotated[int, typer.Option(help="Training epochs for the digits CNN.")] = 12,
+    force: Force = False,
+) -> None:
+    """Train a small CNN on scikit-learn's digits, quantize it every way, benchmark, validate, decide, report."""
+    from edgeq.demo import run_demo
+
+    run_demo(output, epochs=epochs, force=force, console=out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one line on stderr and exit 2 for user errors; exit 1 and a bug line otherwise."""
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="edgeq", standalone_mode=False)
+    except UserError as exc:
+        print(f"edgeq: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("edgeq: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        print(f"edgeq: error: {exc.format_message()} — see `edgeq --help`", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("edgeq: interrupted; no output was written partially", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence turns bugs into one clear line
+        if debug:
+            traceback.print_exc()
+        print(f"edgeq: internal error (this is a bug): {type(exc).__name__}: {exc}"
+              + ("" if debug else " — rerun with --debug for the traceback"), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Shared fixtures: small ONNX models built in code, and the real pretrained models shipped by pip packages."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def make_conv_model(seed: int = 0, opset: int = 17, batch: int | str = "N") -> onnx.ModelProto:
+    """A tiny conv net (Conv-Relu-Conv-Relu-GlobalAveragePool-Flatten-Gemm) with random weights: 10 classes."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (16, 8, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (16,)).astype(np.float32), "b2"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (10, 16)).astype(np.float32), "wf"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (10,)).astype(np.float32), "bf"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "tiny_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def conv_model_path(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(make_conv_model(), path)
+    return path
+
+
+@pytest.fixture
+def conv_data(tmp_path):
+    """200 samples for the tiny conv net, with labels from the FP32 model itself plus some noise."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (200, 1, 8, 8)).astype(np.float32)
+    path = tmp_path / "data.npz"
+    labels = rng.integers(0, 10, 200)
+    np.savez(path, x=x, labels=labels)
+    return path
