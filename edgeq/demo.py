@@ -1,0 +1,185 @@
+"""The embedded default: a small CNN trained on scikit-learn's digits, taken through the whole workflow.
+
+train (torch, seeded) → export FP32 ONNX → FP16, INT8 dynamic, INT8 static → benchmark → validate → compare → decide
+→ report.json + report.html. torch is imported here only, never on the ONNX paths.
+"""
+from __future__ import annotations
+
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+IMAGE_SIZE = 32
+BENCH_BATCH = 64
+
+
+@dataclass
+class DigitsSplit:
+    """Digits upscaled to 32×32 in [0, 1]: a training split (also the calibration source) and a held-out split."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+
+
+def load_digits_split(seed: int = 0, val_fraction: float = 0.4) -> DigitsSplit:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.stack([np.asarray(Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+                       for img in digits.images]).astype(np.float32)[:, None] / 255.0
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_val = int(len(images) * val_fraction)
+    val, train = order[:n_val], order[n_val:]
+    return DigitsSplit(images[train], digits.target[train].astype(np.int64), images[val], digits.target[val].astype(np.int64))
+
+
+def build_cnn():
+    """Four 3×3 convolutions with BatchNorm and ReLU, two poolings, two fully connected layers (~600k parameters)."""
+    from torch import nn
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(1, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def train_cnn(split: DigitsSplit, epochs: int = 8, seed: int = 0, lr: float = 1e-3):
+    """Seeded Adam training with a progress bar; returns the model in eval mode."""
+    import torch
+    from torch import nn
+
+    from edgeq.progress import track
+
+    torch.manual_seed(seed)
+    model = build_cnn()
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in track(range(epochs), "training the digits CNN", total=epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 64):
+            idx = order[start:start + 64]
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimiser.step()
+    return model.eval()
+
+
+def export_onnx(model, path: Path) -> Path:
+    """Export with a dynamic batch dimension (TorchScript exporter: one self-contained file)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def run_demo(output: Path, *, epochs: int = 8, force: bool = False, console: Console | None = None) -> dict:
+    """Run the whole workflow into `output`; returns the report dict (also written as report.json/report.html)."""
+    import edgeq
+    from edgeq.report import ReportFolder
+
+    console = console or Console()
+    folder = ReportFolder(Path(output), force=force)
+    split = load_digits_split()
+    console.print(f"digits: {len(split.train_x)} training / {len(split.val_x)} held-out images, {IMAGE_SIZE}×{IMAGE_SIZE}")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = edgeq.load(export_onnx(train_cnn(split, epochs=epochs), Path(tmp) / "fp32.onnx"))
+        fp32.path = fp32.save(folder.path("models/fp32.onnx"), force=True)
+    calib = edgeq.Dataset.from_arrays({"input": split.train_x[:512]}, description="calibration (512 training images)")
+    val = edgeq.Dataset.from_arrays({"input": split.val_x}, labels=split.val_y, description="held-out digits")
+    candidates = {
+        "fp16": edgeq.Fp16(),
+        "int8-dynamic": edgeq.Int8Dynamic(),
+        "int8-static": edgeq.Int8Static(method="percentile", percentile=99.99),
+    }
+    paths = {"fp32": fp32.path}
+    summaries = {}
+    for name, config in candidates.items():
+        q = edgeq.quantize(fp32, config, calib=calib if isinstance(config, edgeq.Int8Static) else None)
+        paths[name] = q.save(folder.path(f"models/{name}.onnx"), force=True)
+        summaries[name] = q.summary.to_dict()
+    report = measure(paths, val, summaries)
+    folder.write_json("report.json", {k: v for k, v in report.items() if k != "plot_svg"})
+    from edgeq.report import render_html
+
+    folder.write_text("report.html", render_html(report))
+    print_demo_table(console, report)
+    console.print(f"report: {folder.path('report.html')}")
+    return report
+
+
+def measure(paths: dict[str, Path], val, summaries: dict[str, dict]) -> dict:
+    """Benchmark, validate and compare every model against FP32; assemble the report."""
+    import onnxruntime
+
+    from edgeq.bench import BenchConfig, benchmark
+    from edgeq.decide import DecisionRule
+    from edgeq.evaluate import compare, validate
+    from edgeq.report import tradeoff_svg
+
+    names = list(paths)
+    bench = benchmark([paths[n] for n in names], BenchConfig(threads=1, runs=30, warmup=5, batch=BENCH_BATCH))
+    bench_dicts = {n: r.to_dict() for n, r in zip(names, bench)}
+    results = {n: validate(paths[n], val, batch_size=BENCH_BATCH).to_dict() for n in names}
+    rule = DecisionRule()
+    base = results["fp32"]
+    rows = []
+    for n in names:
+        b = bench_dicts[n]
+        row = {
+            "name": n, "path": str(paths[n]), "size_mb": b["size_bytes"] / 1e6,
+            "size_ratio": b["size_bytes"] / bench_dicts["fp32"]["size_bytes"],
+            "p50_ms": b["latency_ms"]["p50"], "p90_ms": b["latency_ms"]["p90"], "p99_ms": b["latency_ms"]["p99"],
+            "speedup": bench_dicts["fp32"]["latency_ms"]["p50"] / b["latency_ms"]["p50"], "peak_rss_mb": b["peak_rss_mb"],
+            "metric": results[n]["metric"], "metric_value": results[n]["value"], "metric_ci95": results[n]["ci95"],
+            "bench": b, "validation": {k: v for k, v in results[n].items() if k not in ("per_sample", "predictions")},
+        }
+        if n != "fp32":
+            comparison = compare(base, results[n], rule).to_dict()
+            row.update(drop=comparison["drop"], drop_ci95=comparison["drop_ci95"], verdict=comparison["verdict"], comparison=comparison)
+            summary = summaries[n]
+            row["summary"] = summary
+            row["details"] = ([f"quantized: {', '.join(f'{k} ×{v}' for k, v in summary['quantized'].items()) or 'none'}"]
+                              + summary["notes"] + [f"warning: {w}" for w in summary["warnings"]] + comparison["reasons"])
+        rows.append(row)
+    static = next(r for r in rows if r["name"] == "int8-static")
+    return {
+        "title": "edgeq demo: digits CNN, FP32 vs FP16 vs INT8",
+        "headline": {"model": "int8-static", "verdict": static["verdict"], "reasons": static["comparison"]["reasons"]},
+        "models": rows,
+        "decision_rule": {"ship_below": rule.ship_below, "qat_up_to": rule.qat_up_to},
+        "environment": {"onnxruntime": onnxruntime.__version__, "machine": platform.machine(), "processor": platform.processor() or "unknown",
+                        "threads": 1, "batch": BENCH_BATCH, "validation samples": base["samples"]},
+        "plot_svg": tradeoff_svg(rows),
+    }
+
+
+def print_demo_table(console: Console, report: dict) -> None:
+    table = Table(title=report["title"])
+    for col in ("model", "size MB", "size ratio", "p50 ms (1 thread)", "speed-up", f"{report['models'][0]['metric']} [95% CI]", "drop [paired 95% CI]", "verdict"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for m in report["models"]:
+        drop = "—" if m.get("drop") is None else f"{m['drop']:+.2f} [{m['drop_ci95'][0]:+.2f}, {m['drop_ci95'][1]:+.2f}]"
+        table.add_row(m["name"], f"{m['size_mb']:.2f}", f"{m['size_ratio']:.2f}×", f"{m['p50_ms']:.2f}", f"{m['speedup']:.2f}×",
+                      f"{m['metric_value']:.2f} [{m['metric_ci95'][0]:.2f}, {m['metric_ci95'][1]:.2f}]", drop, m.get("verdict", "baseline"))
+    console.print(table)
+    head = report["headline"]
+    console.print(f"[bold]verdict for {head['model']}: {head['verdict']}[/]")
+    for reason in head["reasons"]:
+        console.print(f"  • {reason}", highlight=False)

@@ -1,0 +1,114 @@
+"""Reports: a JSON record of every figure and a self-contained HTML page (inline SVG plots, no external assets)."""
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from edgeq import atomic
+from edgeq.errors import OutputError
+
+VERDICT_COLOURS = {"ship": "#1a7f37", "try-qat": "#9a6700", "stay-fp16": "#cf222e", "baseline": "#57606a"}
+
+
+class ReportFolder:
+    """An output folder whose writers refuse names that would escape it (`../x`, absolute paths, separators)."""
+
+    def __init__(self, root: Path, *, force: bool = False) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"output {self.root} exists and is not a folder", "choose a folder path")
+        if self.root.exists() and any(self.root.iterdir()) and not force:
+            raise OutputError(f"output folder {self.root} is not empty", "pass --force to overwrite its files, or choose a new folder")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {self.root}: {exc.strerror}", "choose a writable location") from None
+        self.force = force
+
+    def path(self, name: str) -> Path:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or any(p in ("..", "") for p in parts):
+            raise OutputError(f"refusing to write {name!r} outside the report folder", "use a plain relative file name")
+        target = (self.root / name).resolve()
+        if self.root.resolve() not in target.parents:
+            raise OutputError(f"refusing to write {name!r} outside the report folder", "use a plain relative file name")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return self.root / name
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return atomic.write_json(self.path(name), obj)
+
+    def write_text(self, name: str, text: str) -> Path:
+        return atomic.write_text(self.path(name), text)
+
+
+def tradeoff_svg(models: list[dict]) -> str:
+    """Size vs p50 latency, one point per model, labelled with its metric; the SVG is inlined in the page."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m in models:
+        colour = VERDICT_COLOURS.get(m.get("verdict", "baseline"), "#0969da")
+        ax1.scatter(m["size_mb"], m["p50_ms"], s=90, color=colour, zorder=3)
+        ax1.annotate(f"{m['name']}\n{m['metric_value']:.2f}", (m["size_mb"], m["p50_ms"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax1.set_xlabel("model size (MB)")
+    ax1.set_ylabel("p50 latency (ms)")
+    ax1.set_title("size vs latency (label: metric)")
+    ax1.grid(alpha=0.3)
+    names = [m["name"] for m in models]
+    values = [m["metric_value"] for m in models]
+    errors = [[m["metric_value"] - m["metric_ci95"][0] for m in models], [m["metric_ci95"][1] - m["metric_value"] for m in models]]
+    ax2.bar(names, values, yerr=errors, capsize=4, color=[VERDICT_COLOURS.get(m.get("verdict", "baseline"), "#0969da") for m in models])
+    low = min(m["metric_ci95"][0] for m in models)
+    high = max(m["metric_ci95"][1] for m in models)
+    pad = max((high - low) * 0.3, 0.5)
+    ax2.set_ylim(low - pad, high + pad)
+    ax2.set_title(f"{models[0]['metric']} with 95% interval")
+    ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def render_html(report: dict) -> str:
+    """One self-contained page: the verdict and its reasons first, then the table, the plot and the details."""
+    esc = html.escape
+    models = report["models"]
+    head = report["headline"]
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in (
+            m["name"], f"{m['size_mb']:.2f}", f"{m['size_ratio']:.2f}×", f"{m['p50_ms']:.2f}", f"{m['speedup']:.2f}×",
+            f"{m['metric_value']:.2f} [{m['metric_ci95'][0]:.2f}, {m['metric_ci95'][1]:.2f}]",
+            "—" if m.get("drop") is None else f"{m['drop']:+.2f} [{m['drop_ci95'][0]:+.2f}, {m['drop_ci95'][1]:+.2f}]",
+        )) + f"<td style='color:{VERDICT_COLOURS.get(m.get('verdict', 'baseline'))};font-weight:600'>{esc(m.get('verdict', 'baseline'))}</td></tr>"
+        for m in models)
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in head["reasons"])
+    details = "".join(
+        f"<h3>{esc(m['name'])}</h3><ul>" + "".join(f"<li>{esc(line)}</li>" for line in m.get("details", [])) + "</ul>" for m in models if m.get("details"))
+    env = "".join(f"<li>{esc(k)}: {esc(str(v))}</li>" for k, v in report.get("environment", {}).items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(report['title'])}</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#1f2328;padding:0 1em}}
+table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #d0d7de;padding:6px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}.verdict{{font-size:1.4em;padding:.6em 1em;border-radius:6px;color:#fff;background:{VERDICT_COLOURS.get(head['verdict'], '#0969da')}}}
+figure{{margin:1.5em 0}}
+</style></head><body>
+<h1>{esc(report['title'])}</h1>
+<p class="verdict" id="verdict">Verdict: <b>{esc(head['verdict'])}</b> — {esc(head['model'])}</p>
+<ul id="reasons">{reasons}</ul>
+<h2>Models</h2>
+<table id="models"><tr><th>model</th><th>size MB</th><th>size ratio</th><th>p50 ms</th><th>speed-up</th><th>{esc(models[0]['metric'])} [95% CI]</th><th>drop [paired 95% CI]</th><th>verdict</th></tr>{rows}</table>
+<figure id="tradeoff">{report['plot_svg']}</figure>
+<h2>Details</h2>{details}
+<h2>Environment</h2><ul>{env}</ul>
+</body></html>
+"""
