@@ -52,7 +52,7 @@ def quantize(
     precision: Annotated[Precision, typer.Option(help="Target precision.")] = Precision.int8,
     mode: Annotated[Mode, typer.Option(help="INT8 mode: static (calibrated, fastest) or dynamic (runtime scales).")] = Mode.static,
     calib: Annotated[Optional[Path], typer.Option(help="Calibration DATA for static INT8.")] = None,
-    method: Annotated[Method, typer.Option(help="Calibration method for activation ranges.")] = Method.minmax,
+    method: Annotated[Method, typer.Option(help="Calibration method for activation ranges.")] = Method.percentile,
     percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = True,
     activation_type: Annotated[ActivationType, typer.Option(help="Activation integer type (uint8 is fastest on x86).")] = ActivationType.uint8,
@@ -70,9 +70,9 @@ def quantize(
     from edgeq.quantize import config as cfg
     from edgeq.render import print_quant_summary
 
-    atomic.check_writable(output, force=force, protect=(model,))
+    atomic.check_writable(output, force=force, protect=(model, calib))
     if summary_json:
-        atomic.check_writable(summary_json, force=force, protect=(model, output))
+        atomic.check_writable(summary_json, force=force, protect=(model, calib, output))
     source = edgeq.load(model)
     ops = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     if precision is Precision.fp16:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="edgeq", standalone_mode=False)
     except UserError as exc:
-        print(f"edgeq: error: {exc}", file=sys.stderr)
+        print(f"edgeq: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         print("edgeq: aborted", file=sys.stderr)
         sys.exit(130)
     except click.ClickException as exc:
-        print(f"edgeq: error: {exc.format_message()} — see `edgeq --help`", file=sys.stderr)
+        print(f"edgeq: error: {_one_line(exc.format_message())} — see `edgeq --help`", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("edgeq: interrupted; no output was written partially", file=sys.stderr)
@@ -206,9 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence turns bugs into one clear line
         if debug:
             traceback.print_exc()
-        print(f"edgeq: internal error (this is a bug): {type(exc).__name__}: {exc}"
+        print(f"edgeq: internal error (this is a bug): {type(exc).__name__}: {_one_line(exc)[:200]}"
               + ("" if debug else " — rerun with --debug for the traceback"), file=sys.stderr)
         sys.exit(1)
+
+
+def _one_line(message: object) -> str:
+    """Scripts read edgeq's stderr line by line: a message is never allowed to span several."""
+    return " ".join(str(message).split())
 
 
 if __name__ == "__main__":

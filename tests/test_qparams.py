@@ -54,7 +54,7 @@ def test_written_activation_scales_match_our_arithmetic(conv_model_path, conv_da
 
     model = edgeq.load(conv_model_path)
     data = edgeq.Dataset.from_npz(conv_data)
-    q = edgeq.quantize(model, edgeq.Int8Static(), calib=data)
+    q = edgeq.quantize(model, edgeq.Int8Static(method="minmax"), calib=data)
     prepared, _ = prepare(model, per_channel=True)
     ranges = calibrate(prepared, data).ranges
     inits = {t.name: numpy_helper.to_array(t) for t in q.proto.graph.initializer}

@@ -54,8 +54,8 @@ class HistogramObserver:
             return
         self.minmax.update(x)
         self._grow_to(max(abs(self.minmax.low), abs(self.minmax.high)))
-        width = 2 * self.half_width / self.bins
-        index = np.floor((x.astype(np.float64) + self.half_width) / width).astype(np.int64)
+        # bins / (2R) is a power of two times an integer, so this float32 arithmetic is exact up to x + R rounding.
+        index = ((x + np.float32(self.half_width)) * np.float32(self.bins / (2 * self.half_width))).astype(np.int32)
         np.clip(index, 0, self.bins - 1, out=index)
         self.counts += np.bincount(index, minlength=self.bins)
 

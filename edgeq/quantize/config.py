@@ -50,12 +50,13 @@ class Int8Static:
 
     activation_type "uint8" (asymmetric) is the fast path on x86 (VNNI u8×s8); "int8" suits NPUs that want it.
 
-    >>> cfg = Int8Static(method="percentile", percentile=99.99)
+    >>> cfg = Int8Static(method="minmax")
     >>> cfg.per_channel, cfg.activation_type
     (True, 'uint8')
     """
 
-    method: str = "minmax"
+    # Percentile 99.99 is the default: on PP-OCR det min/max ranges cut the thresholded-map IoU to 0.72, 99.99 keeps 0.95.
+    method: str = "percentile"
     percentile: float = 99.99
     per_channel: bool = True
     activation_type: str = "uint8"
