@@ -1,0 +1,53 @@
+"""Shared helpers for the bench scripts: quantize in a child process (wall time, peak memory), markdown tables."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_child(args: list[str]) -> dict:
+    """Run `python <script> _child ...` and return its JSON line plus wall time and the child's peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    payload = json.loads(proc.stdout.strip().splitlines()[-1])
+    payload.setdefault("seconds", seconds)
+    return payload
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit(payload: dict) -> None:
+    print(json.dumps(payload))
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def npz_reader(path: Path, batch: int = 1):
+    """An ONNX Runtime CalibrationDataReader over an .npz keyed by input name."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            with np.load(path, allow_pickle=False) as npz:
+                self.arrays = {k: npz[k] for k in npz.files if k != "labels"}
+            n = len(next(iter(self.arrays.values())))
+            self.batches = iter([{k: v[i:i + batch] for k, v in self.arrays.items()} for i in range(0, n, batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    return Reader()
