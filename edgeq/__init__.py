@@ -5,12 +5,16 @@
 >>> q = edgeq.quantize(model, edgeq.Int8Static(), calib=edgeq.Dataset.from_npz("calib.npz"))  # doctest: +SKIP
 >>> q.save("model_int8.onnx")                                                          # doctest: +SKIP
 """
+from edgeq.bench import BenchConfig, benchmark
 from edgeq.data import Dataset, ImagePreset, open_data
+from edgeq.decide import DecisionRule, decide
+from edgeq.evaluate import compare, validate
 from edgeq.errors import UserError
 from edgeq.model import Model, TensorSpec, load
 from edgeq.quantize import QuantizedModel, quantize
 from edgeq.quantize.config import Fp16, Int8Dynamic, Int8Static
 
-__all__ = ["Dataset", "Fp16", "ImagePreset", "Int8Dynamic", "Int8Static", "Model", "QuantizedModel", "TensorSpec",
-           "UserError", "load", "open_data", "quantize"]
+__all__ = ["BenchConfig", "Dataset", "DecisionRule", "Fp16", "ImagePreset", "Int8Dynamic", "Int8Static", "Model",
+           "QuantizedModel", "TensorSpec", "UserError", "benchmark", "compare", "decide", "load", "open_data", "quantize",
+           "validate"]
 __version__ = "0.1.0"
