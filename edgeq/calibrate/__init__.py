@@ -9,11 +9,11 @@ import onnx
 
 from edgeq.calibrate.observers import HistogramObserver, MinMaxObserver
 from edgeq.data import Dataset, batches
-from edgeq.errors import ConfigError, DataError
+from edgeq.errors import ConfigError, DataError, ModelError
 from edgeq.model import make_session, Model
 from edgeq.progress import track
 
-METHODS = ("minmax", "percentile")
+METHODS = ("minmax", "percentile", "mse")
 
 
 @dataclass
@@ -27,7 +27,8 @@ class Calibration:
 
 
 def calibrate(model: Model, data: Dataset, tensors: list[str] | None = None, *, method: str = "minmax",
-              percentile: float = 99.99, batch_size: int = 16, max_samples: int | None = None) -> Calibration:
+              percentile: float = 99.99, batch_size: int = 16, max_samples: int | None = None,
+              symmetric: bool = False) -> Calibration:
     """Stream `data` through the model and return activation ranges for `tensors` (default: every float tensor).
 
     >>> cal = calibrate(model, dataset, method="percentile", percentile=99.99)   # doctest: +SKIP
@@ -53,9 +54,12 @@ def calibrate(model: Model, data: Dataset, tensors: list[str] | None = None, *, 
             value = named.get(name)
             if value is None or value.dtype != np.float32:
                 continue
+            if not _all_finite(value):
+                raise ModelError(f"tensor {name!r} holds NaN/Inf on finite calibration data: the model overflows float32",
+                                 "check the model and the input preprocessing (scale, normalisation)")
             observers.setdefault(name, make()).update(value)
         samples += batch.size
-    ranges = {name: (obs.range() if isinstance(obs, MinMaxObserver) else obs.percentile_range(percentile)) for name, obs in observers.items()}
+    ranges = {name: _range(obs, method, percentile, symmetric) for name, obs in observers.items()}
     cal = Calibration(ranges, method, samples, list(data.notes))
     if samples < 32:
         cal.warnings.append(f"only {samples} calibration samples: ranges may not represent real data (use a few hundred)")
@@ -64,6 +68,20 @@ def calibrate(model: Model, data: Dataset, tensors: list[str] | None = None, *, 
         if thin:
             cal.warnings.append(f"{len(thin)} tensors saw too few values for the {percentile}th percentile to differ from min/max (e.g. {thin[0]})")
     return cal
+
+
+def _all_finite(value: np.ndarray) -> bool:
+    """One pass, no temporary: a float64 sum of float32 values cannot overflow, so it is finite iff they all are."""
+    with np.errstate(invalid="ignore"):  # inf + -inf is the NaN we are looking for, not a warning for the user
+        return bool(np.isfinite(value.sum(dtype=np.float64)))
+
+
+def _range(observer: MinMaxObserver | HistogramObserver, method: str, percentile: float, symmetric: bool) -> tuple[float, float]:
+    if isinstance(observer, MinMaxObserver):
+        return observer.range()
+    if method == "mse":
+        return observer.mse_range(symmetric=symmetric)
+    return observer.percentile_range(percentile)
 
 
 def _batch_count(data: Dataset, batch_size: int, max_samples: int | None) -> int | None:

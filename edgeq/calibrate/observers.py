@@ -54,13 +54,17 @@ class HistogramObserver:
             return
         self.minmax.update(x)
         self._grow_to(max(abs(self.minmax.low), abs(self.minmax.high)))
-        # bins / (2R) is a power of two times an integer, so this float32 arithmetic is exact up to x + R rounding.
-        index = ((x + np.float32(self.half_width)) * np.float32(self.bins / (2 * self.half_width))).astype(np.int32)
-        np.clip(index, 0, self.bins - 1, out=index)
+        # Scaling by bins / (2R), a power of two, is exact in float32, so a value's bin never depends on R (x + R would
+        # round, and then batches binned under a smaller R disagree with one pass). Only underflow loses information:
+        # a tiny negative value that scales to -0.0 still belongs just below zero.
+        scaled = x * np.float32(self.bins / (2 * self.half_width))
+        index = np.floor(scaled).astype(np.int32) + self.bins // 2
+        index -= (scaled == 0) & (x < 0)
         self.counts += np.bincount(index, minlength=self.bins)
 
     def _grow_to(self, absmax: float) -> None:
-        needed = 2.0 ** math.ceil(math.log2(max(absmax, 2.0**-24)))
+        # The smallest power of two strictly above |x|: x = R would fall outside the last bin.
+        needed = math.ldexp(1.0, math.frexp(max(absmax, 2.0**-24))[1])
         if needed <= self.half_width:
             return
         if self.half_width == 0.0 or not self.counts.any():
@@ -90,3 +94,40 @@ class HistogramObserver:
         low = max(float(edges[low_bin]), self.minmax.low)
         high = min(float(edges[min(high_bin + 1, self.bins)]), self.minmax.high)
         return low, high
+
+    def mse_range(self, levels: int = 256, symmetric: bool = False, steps: int = 48) -> tuple[float, float]:
+        """The clipping range that minimises the expected squared quantization error over the histogram.
+
+        Inside the range a value costs the rounding noise step²/12; outside it costs its distance to the clip edge
+        squared. Candidate ranges shrink each end of [min, max] on a grid (one end at a time for symmetric ranges).
+        """
+        total = self.counts.sum()
+        low, high = self.minmax.range()
+        if total == 0 or low == high:
+            return low, high
+        centres = (self.edges[:-1] + self.edges[1:]) / 2
+        used = self.counts > 0
+        centres, weights = centres[used], self.counts[used].astype(np.float64)
+        fractions = np.linspace(1.0 / steps, 1.0, steps)
+        if symmetric:
+            absmax = max(abs(low), abs(high))
+            lows, highs = -absmax * fractions, absmax * fractions
+        else:
+            grid_low, grid_high = np.meshgrid(min(low, 0.0) * fractions, max(high, 0.0) * fractions, indexing="ij")
+            lows, highs = grid_low.ravel(), grid_high.ravel()
+        errors = _expected_errors(centres, weights, np.minimum(lows, 0.0), np.maximum(highs, 0.0), levels)
+        best = int(np.argmin(errors))
+        return float(max(lows[best], low)), float(min(highs[best], high))
+
+
+def _expected_errors(values: np.ndarray, weights: np.ndarray, lows: np.ndarray, highs: np.ndarray, levels: int) -> np.ndarray:
+    """Weighted squared error of quantizing `values` into each candidate range (candidates × values, chunked)."""
+    out = np.empty(len(lows))
+    chunk = max(1, 2_000_000 // max(len(values), 1))
+    for start in range(0, len(lows), chunk):
+        lo, hi = lows[start:start + chunk, None], highs[start:start + chunk, None]
+        step = np.maximum(hi - lo, 1e-12) / (levels - 1)
+        clipped = np.clip(values[None, :], lo, hi)
+        error = (values[None, :] - clipped) ** 2 + step**2 / 12
+        out[start:start + chunk] = error @ weights
+    return out

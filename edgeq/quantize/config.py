@@ -55,8 +55,9 @@ class Int8Static:
     (True, 'uint8')
     """
 
-    # Percentile 99.99 is the default: on PP-OCR det min/max ranges cut the thresholded-map IoU to 0.72, 99.99 keeps 0.95.
-    method: str = "percentile"
+    # MSE-optimal clipping is the default: on PP-OCR det (two seeds of rendered pages) min/max ranges give a
+    # thresholded-map IoU of 0.69/0.75, percentile 99.99 0.70/0.93, mse 0.91/0.89 — the most robust.
+    method: str = "mse"
     percentile: float = 99.99
     per_channel: bool = True
     activation_type: str = "uint8"

@@ -59,7 +59,7 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     prepared, notes = prepare(model, per_channel=config.per_channel)
     per_channel = config.per_channel and prepared.opset >= PER_CHANNEL_OPSET
     cal = calibrate(prepared, calib, method=config.method, percentile=config.percentile,
-                    batch_size=config.batch_size, max_samples=config.max_samples)
+                    batch_size=config.batch_size, max_samples=config.max_samples, symmetric=config.activation_type == "int8")
     ranges = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in cal.ranges.items()
     })
