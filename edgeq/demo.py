@@ -106,7 +106,7 @@ def run_demo(output: Path, *, epochs: int = 8, force: bool = False, console: Con
     candidates = {
         "fp16": edgeq.Fp16(),
         "int8-dynamic": edgeq.Int8Dynamic(),
-        "int8-static": edgeq.Int8Static(method="percentile", percentile=99.99),
+        "int8-static": edgeq.Int8Static(),
     }
     paths = {"fp32": fp32.path}
     summaries = {}
