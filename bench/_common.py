@@ -22,6 +22,10 @@ def run_child(args: list[str]) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM): ru_maxrss of a child starts from its parent's peak on Linux."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

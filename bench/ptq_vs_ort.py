@@ -33,15 +33,28 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
 
         q = edgeq.quantize(edgeq.load(model), edgeq.Int8Static(batch_size=1), calib=edgeq.Dataset.from_npz(calib))
         q.save(out, force=True)
-    elif variant.startswith("ort-static"):
-        from onnxruntime.quantization import QuantFormat, quantize_static
+    else:
+        model = ort_preprocess(model, out)
+        if variant.startswith("ort-static"):
+            from onnxruntime.quantization import QuantFormat, quantize_static
 
-        quantize_static(model, out, npz_reader(Path(calib)), quant_format=QuantFormat.QDQ, per_channel=variant.endswith("per-channel"))
-    elif variant == "ort-dynamic":
-        from onnxruntime.quantization import quantize_dynamic
+            quantize_static(model, out, npz_reader(Path(calib)), quant_format=QuantFormat.QDQ, per_channel=variant.endswith("per-channel"))
+        else:
+            from onnxruntime.quantization import quantize_dynamic
 
-        quantize_dynamic(model, out)
+            quantize_dynamic(model, out)
     emit({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
+
+
+def ort_preprocess(model: str, out: str) -> str:
+    """ONNX Runtime's documented pre-processing (its symbolic shape inference fails on both models, so it is skipped,
+    as ANCHORS.md found); it also folds Constant-node weights into initializers, without which quantize_dynamic
+    raises on PP-OCR."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out + ".pre.onnx"
+    quant_pre_process(model, pre, skip_symbolic_shape=True)
+    return pre
 
 
 def digits_case(work: Path) -> dict:

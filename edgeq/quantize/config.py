@@ -6,7 +6,10 @@ from dataclasses import dataclass
 # ONNX Runtime's CPU provider runs these in int8 after QDQ fusion. Elementwise ops (Add, Mul) and pooling
 # also have int8 kernels, but on real models (PP-OCR det, measured) quantizing them adds requantization work
 # and loses accuracy for no speed: compute-heavy ops only by default.
-STATIC_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+COMPUTE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Relu/Clip after a quantized op vanish into its output range (the quantizer removes them); without them in the
+# list a DQ→Relu→Q round trip stays in the graph (digits CNN: 12.2 → 9.0 ms at 1 thread, measured).
+STATIC_OP_TYPES = COMPUTE_OP_TYPES + ("Relu", "Clip")
 # Dynamic quantization turns Conv into ConvInteger, 5-8x slower than FP32 on x86 CPUs: matrix ops only.
 DYNAMIC_OP_TYPES = ("MatMul", "Gemm", "Attention", "LSTM", "GRU")
 # Float16 is unsafe for ops whose intermediate sums or exponentials overflow or lose too much precision.

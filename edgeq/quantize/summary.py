@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
+from edgeq.quantize.config import COMPUTE_OP_TYPES
+
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 INTEGER_OPS = {"ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention", "MatMulNBits",
                "QLinearConv", "QLinearMatMul"}
@@ -30,19 +32,24 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, op_types: tuple[s
     """Compare the prepared and the quantized graph: a target node is quantized when it reads dequantized weights
     (static QDQ) or was replaced by an integer op (dynamic)."""
     producers = {o: n for n in after.graph.node for o in n.output}
+
+    def reads_dequantized(node: onnx.NodeProto) -> bool:
+        # Both the activation and the weight must come through DequantizeLinear for an int8 kernel to run.
+        return all(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input[:2])
+
     quantized: Counter[str] = Counter()
-    after_names = {n.name for n in after.graph.node}
+    quantized_names = set()
     for node in after.graph.node:
         if node.op_type in INTEGER_OPS:
             quantized[node.op_type] += 1
-        elif node.op_type in op_types and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
+        elif node.op_type in op_types and node.op_type in COMPUTE_OP_TYPES and reads_dequantized(node):
             quantized[node.op_type] += 1
-    quantized_names = {n.name for n in after.graph.node if n.op_type in op_types and any(
-        producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)}
+            quantized_names.add(node.name)
+    after_names = {n.name for n in after.graph.node}
     left = []
     initializers = {t.name for t in before.graph.initializer}
     for node in before.graph.node:
-        if node.op_type not in op_types:
+        if node.op_type not in op_types or node.op_type not in COMPUTE_OP_TYPES:
             continue
         if node.name in quantized_names or node.name not in after_names:
             continue  # quantized in place, or replaced by an integer op

@@ -1,0 +1,56 @@
+"""The main job end to end through the CLI: train, export, quantize three ways, benchmark, validate, decide, report."""
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = subprocess.run([sys.executable, "-m", "edgeq.cli", "demo", "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout, json.loads((out / "report.json").read_text())
+
+
+def test_demo_prints_the_table_and_the_verdict(demo):
+    _, stdout, _ = demo
+    for word in ("fp32", "fp16", "int8-dynamic", "int8-static", "size ratio", "speed-up", "verdict for int8-static"):
+        assert word in stdout
+
+
+def test_int8_static_meets_the_issue_targets(demo):
+    _, _, report = demo
+    models = {m["name"]: m for m in report["models"]}
+    static = models["int8-static"]
+    assert models["fp32"]["metric_value"] > 95.0, "the CNN trained"
+    assert static["drop"] <= 1.0
+    assert static["size_ratio"] <= 0.30
+    assert static["verdict"] == "ship"
+    assert static["summary"]["quantized"].get("Conv") == 4
+    assert models["fp16"]["size_ratio"] < 0.55
+    assert report["headline"]["verdict"] == static["verdict"]
+
+
+def test_every_model_is_valid_onnx_and_every_figure_is_there(demo):
+    out, _, report = demo
+    for m in report["models"]:
+        onnx.checker.check_model(m["path"])
+        for key in ("size_mb", "p50_ms", "p90_ms", "p99_ms", "metric_value", "metric_ci95", "peak_rss_mb"):
+            assert m[key] is not None
+        assert m["p50_ms"] <= m["p90_ms"] <= m["p99_ms"]
+        lo, hi = m["metric_ci95"]
+        assert lo <= m["metric_value"] <= hi
+
+
+def test_report_html_is_self_contained_with_a_plot(demo):
+    out, _, _ = demo
+    page = (out / "report.html").read_text()
+    assert page.index('id="verdict"') < page.index('id="models"') < page.index('id="tradeoff"')
+    assert "<svg" in page
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+    assert "<script src" not in page and "<link" not in page
