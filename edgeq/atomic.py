@@ -1,12 +1,17 @@
 """Atomic writes: every file goes to a temporary name in the target folder and is renamed when complete.
 
-A reader (or a crash) therefore sees the old file or the new one, never a partial one.
+A reader (or a crash) therefore sees the old file or the new one, never a partial one. Temporaries are dot-files
+named `.<target>.edgeq-<pid>-<random>.tmp`; the ones a killed process left behind are removed on the next write
+of the same target.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,44 +19,138 @@ from typing import Any
 
 from edgeq.errors import OutputError
 
+# Errors while writing that the user fixes (free space), as opposed to bugs.
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
 
 def check_writable(path: Path, *, force: bool = False, protect: tuple[Path, ...] = ()) -> Path:
-    """Refuse outputs that would overwrite an input, an existing file (unless force), or land in a read-only folder."""
+    """Refuse outputs that would overwrite an input, an existing file (unless force), or land in a read-only folder.
+
+    Nothing is created here: a run that fails later must not leave folders behind.
+    """
     path = Path(path)
-    resolved = path.resolve()
     for p in protect:
-        if p is not None and Path(p).resolve() == resolved:
-            raise OutputError(f"output {path} is the input model", "choose another output path; edgeq never overwrites its input")
+        if p is not None and _same_file(Path(p), path):
+            raise OutputError(f"output {path} would overwrite the input {p}", "choose another output path; edgeq never overwrites its inputs")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder", "give a file name, e.g. model_int8.onnx")
     if path.exists() and not force:
         raise OutputError(f"output {path} already exists", "pass --force to replace it, or choose another path")
-    folder = resolved.parent
-    if not folder.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create output folder {folder}: {exc.strerror}", "choose a writable location") from None
-    if not os.access(folder, os.W_OK):
+    folder = _nearest_existing(path.resolve().parent)
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: {folder} is a file, not a folder", "choose an output path inside a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {folder} is not writable", "choose a writable location or fix its permissions")
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same path after resolving links, or the same file reached by a hard link."""
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def make_parent(path: Path) -> Path:
+    """Create the folder of `path` (at write time, not at check time); returns it resolved."""
+    folder = Path(path).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {folder}: {exc.strerror}", "choose a writable location") from None
+    return folder
+
+
+def temp_beside(path: Path, *, folder: bool = False) -> Path:
+    """Create an empty temporary file (or folder) beside `path`, after clearing stale ones of dead processes."""
+    path = Path(path)
+    parent = make_parent(path)
+    clean_stale(path)
+    prefix = f".{path.name}.edgeq-{os.getpid()}-"
+    try:
+        if folder:
+            return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write in {parent}: {exc.strerror}", "choose a writable location or fix its permissions") from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove temporaries beside `path` whose writer no longer runs (killed mid-write); returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.edgeq-(\d+)-[^/]*\.tmp")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in path.resolve().parent.iterdir():
+            match = pattern.fullmatch(entry.name)
+            if match and not _alive(int(match.group(1))):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Give a finished temporary the permissions of a normal new file and rename it onto `path`."""
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; an output should be as readable as any other
+    os.replace(tmp, path)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error(path: Path) -> Iterator[None]:
+    """A full disk or quota while writing `path` is for the user to fix, not a bug."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise OutputError(f"cannot write {path}: {exc.strerror}", "free disk space or choose another location") from None
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block completes."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temp_beside(path)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+        with disk_full_is_user_error(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            publish(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)  # already renamed when the block completed
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

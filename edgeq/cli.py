@@ -17,7 +17,8 @@ from edgeq.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize FP32 models for edge targets, benchmark them, validate them, and decide by evidence.")
-out = Console()
+# Pipes and CI logs get 120 columns, so the tables stay readable outside a terminal.
+out = Console(width=None if sys.stdout.isatty() else 120)
 
 
 class Precision(str, Enum):
@@ -34,6 +35,7 @@ class Mode(str, Enum):
 class Method(str, Enum):
     minmax = "minmax"
     percentile = "percentile"
+    mse = "mse"
 
 
 class ActivationType(str, Enum):
@@ -52,7 +54,7 @@ def quantize(
     precision: Annotated[Precision, typer.Option(help="Target precision.")] = Precision.int8,
     mode: Annotated[Mode, typer.Option(help="INT8 mode: static (calibrated, fastest) or dynamic (runtime scales).")] = Mode.static,
     calib: Annotated[Optional[Path], typer.Option(help="Calibration DATA for static INT8.")] = None,
-    method: Annotated[Method, typer.Option(help="Calibration method for activation ranges.")] = Method.percentile,
+    method: Annotated[Method, typer.Option(help="Calibration method for activation ranges.")] = Method.mse,
     percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = True,
     activation_type: Annotated[ActivationType, typer.Option(help="Activation integer type (uint8 is fastest on x86).")] = ActivationType.uint8,
@@ -116,7 +118,7 @@ def bench(
     from edgeq.bench import BenchConfig, bench_table, benchmark, parse_shapes
 
     if json_out:
-        atomic.check_writable(json_out, force=force, protect=tuple(models))
+        atomic.check_writable(json_out, force=force, protect=(*models, data))
     config = BenchConfig(threads=threads, runs=runs, warmup=warmup, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
     records = benchmark(models, config)
     out.print(bench_table(records))
@@ -138,7 +140,7 @@ def validate(
     from edgeq import atomic
     from edgeq.evaluate import print_validation, validate as run_validate
 
-    atomic.check_writable(output, force=force, protect=(model,) + ((reference,) if reference else ()))
+    atomic.check_writable(output, force=force, protect=(model, data, reference))
     import edgeq
 
     record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size)
@@ -182,22 +184,19 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on stderr and exit 2 for user errors; exit 1 and a bug line otherwise."""
-    import click
-
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    args = [a for a in args if a != "--debug"]
+    # A bare `edgeq` shows the help: click's own no-args handling differs between versions and would be a "bug" here.
+    args = [a for a in args if a != "--debug"] or ["--help"]
     try:
         app(args=args, prog_name="edgeq", standalone_mode=False)
     except UserError as exc:
         print(f"edgeq: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("edgeq: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
+    except _usage_errors() as exc:
         print(f"edgeq: error: {_one_line(exc.format_message())} — see `edgeq --help`", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -209,6 +208,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"edgeq: internal error (this is a bug): {type(exc).__name__}: {_one_line(exc)[:200]}"
               + ("" if debug else " — rerun with --debug for the traceback"), file=sys.stderr)
         sys.exit(1)
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Command-line mistakes (unknown option, bad value). Typer 0.2x vendors click and raises its own exception
+    types, all derived from TyperException; older Typer raises click's."""
+    try:
+        from typer import TyperException
+    except ImportError:
+        from click import ClickException
+
+        return (ClickException,)
+    return (TyperException,)
 
 
 def _one_line(message: object) -> str:

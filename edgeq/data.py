@@ -5,7 +5,9 @@ inputs on the way out, so folders are streamed and never loaded whole.
 """
 from __future__ import annotations
 
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,12 +130,20 @@ class Dataset:
     @classmethod
     def from_npz(cls, path: str | Path) -> "Dataset":
         path = _existing(path)
+        # Without this check np.load would read a .npy file as one array, or try to unpickle any other bytes.
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path} is not an .npz file (not a zip archive)", "write it with numpy.savez")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {str(exc)[:120]})", "write it with numpy.savez") from None
+        except _UNREADABLE as exc:
+            raise _unreadable(path, exc, "numpy.savez") from None
+        strays = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]  # numpy returns other members as bytes
+        if strays:
+            raise DataError(f"{path}: member {strays[0]!r} is not a numpy array", "write the file with numpy.savez")
         labels = arrays.pop(LABELS_KEY, None)
+        if labels is not None and labels.ndim == 0:
+            raise DataError(f"{path}: 'labels' is a scalar", "save one label per sample, shaped (samples,)")
         if not arrays:
             raise DataError(f"{path} holds no input arrays", "save the model inputs keyed by input name")
         if any(a.ndim == 0 for a in arrays.values()):
@@ -153,6 +163,8 @@ class Dataset:
             raise DataError(f"{folder} holds no .npy files", "put one .npy file per sample in the folder")
         labels_file = folder / f"{LABELS_KEY}.npy"
         labels = _read_npy(labels_file) if labels_file.exists() else None
+        if labels is not None and labels.ndim == 0:
+            raise DataError(f"{labels_file} is a scalar", "save one label per sample, shaped (samples,)")
         if labels is not None and len(labels) != len(files):
             raise DataError(f"{labels_file} has {len(labels)} labels for {len(files)} samples", "give one label per .npy file")
 
@@ -183,11 +195,26 @@ class Dataset:
         return cls(lambda: iter(items), transform, length=len(items), description=str(folder))
 
 
+# What numpy and zipfile raise on corrupt, truncated or pickled content: CRC and zlib failures, and a damaged .npy
+# header, which numpy parses as a Python literal (hence SyntaxError and tokenize's TokenError).
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError, NotImplementedError,
+               SyntaxError, tokenize.TokenError)
+
+
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npy file ({str(exc)[:120]})", "write it with numpy.save") from None
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc, "numpy.save") from None
+
+
+def _unreadable(path: Path, exc: Exception, writer: str) -> DataError:
+    if "allow_pickle" in str(exc) or "Python objects" in str(exc):  # np.load's words, with and without mmap
+        # allow_pickle stays False: unpickling a data file can run arbitrary code.
+        return DataError(f"{path} holds object arrays, which edgeq refuses to load (unpickling can run code)",
+                         f"save plain numeric arrays with {writer}")
+    detail = " ".join(str(exc).split())[:120]
+    return DataError(f"{path} is corrupt or truncated ({type(exc).__name__}: {detail})", f"write it again with {writer}")
 
 
 def _existing(path: str | Path) -> Path:
@@ -238,6 +265,8 @@ def batches(dataset: Dataset, specs: list[TensorSpec], batch_size: int = 32, *, 
     Raises DataError on names, ranks, dtypes or fixed dims that do not match the model, on empty data, and (when
     `refuse_nonfinite`) on NaN/Inf.
     """
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"max_samples is {max_samples}", "give at least 1, or leave it unset to use all samples")
     fixed = {s.shape[0] for s in specs if s.rank and isinstance(s.shape[0], int)}
     fixed_batch = fixed.pop() if len(fixed) == 1 else None
     batch_size = fixed_batch or batch_size
@@ -248,6 +277,8 @@ def batches(dataset: Dataset, specs: list[TensorSpec], batch_size: int = 32, *, 
         chunk = conform(raw, specs, dataset.description, index)
         if refuse_nonfinite:
             _refuse_nonfinite(chunk, dataset.description)
+        if chunk.size == 0:
+            continue  # an empty file adds nothing, and an empty chunk left pending would be "taken" forever
         if max_samples is not None and seen + chunk.size > max_samples:
             chunk = _slice(chunk, 0, max_samples - seen)
         seen += chunk.size
@@ -325,7 +356,11 @@ def _cast(arr: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
         if arr.size and (arr.min() < info.min or arr.max() > info.max):
             raise DataError(f"{where}: input {spec.name!r} holds values outside {spec.dtype}", "check the data")
     # Widening/narrowing within a kind (float64 -> float32, int32 -> int64) is what numpy users expect to work.
-    return arr.astype(spec.dtype)
+    with np.errstate(over="ignore"):  # numpy would warn on stderr; the check below says it in edgeq's one line
+        out = arr.astype(spec.dtype)
+    if spec.dtype.kind == "f" and np.isinf(out).sum() > np.isinf(arr).sum():
+        raise DataError(f"{where}: input {spec.name!r} holds values beyond the range of {spec.dtype}", "check the data or rescale it")
+    return out
 
 
 def _dims(spec: TensorSpec) -> str:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import onnx
 from onnx import external_data_helper, helper
 
 from edgeq import atomic
-from edgeq.errors import ModelError
+from edgeq.errors import ConfigError, ModelError
 
 # Protobuf cannot serialise messages of 2 GB or more; above this size weights go to an external data file.
 # The environment variable lets tests exercise the large-model path with small models.
@@ -22,7 +22,13 @@ MIN_OPSET = 11
 
 
 def external_data_threshold() -> int:
-    return int(os.environ.get("EDGEQ_EXTERNAL_DATA_THRESHOLD", _DEFAULT_EXTERNAL_THRESHOLD))
+    value = os.environ.get("EDGEQ_EXTERNAL_DATA_THRESHOLD", "")
+    if not value:
+        return _DEFAULT_EXTERNAL_THRESHOLD
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"EDGEQ_EXTERNAL_DATA_THRESHOLD={value!r} is not a number of bytes", "unset it or give an integer") from None
 
 
 @dataclass(frozen=True)
@@ -119,10 +125,16 @@ def load(path: str | Path) -> Model:
         raise ModelError(f"{path} is not a readable ONNX model (corrupt or truncated protobuf)", "re-export the model or check the file") from None
     if not proto.graph.node:
         raise ModelError(f"{path} is not an ONNX model (it holds no graph nodes)", "give the path of an exported .onnx model")
+    missing = sorted({name for name in data_locations(proto) if not (path.parent / name).is_file()})
+    if missing:
+        raise ModelError(f"{path} refers to external data that is missing beside it: {', '.join(missing)}",
+                         "copy the data file next to the model under that name")
     try:
         external_data_helper.load_external_data_for_model(proto, str(path.resolve().parent))
-    except (FileNotFoundError, OSError) as exc:
-        raise ModelError(f"external data of {path} is missing: {exc.filename or exc}", "keep the model's .data file beside it") from None
+    except (OSError, onnx.checker.ValidationError) as exc:
+        # onnx raises ValidationError for a data file that lies outside the model's folder (path traversal).
+        raise ModelError(f"the external data of {path} cannot be read: {_one_line(exc)}",
+                         "keep the data file beside the model, under the name the model records") from None
     opset = opset_of(proto)
     if opset < MIN_OPSET:
         raise ModelError(f"{path} uses opset {opset}; edgeq supports opset {MIN_OPSET} and newer", "re-export with a newer opset")
@@ -140,8 +152,13 @@ def _check(proto: onnx.ModelProto, path: Path | None) -> None:
         else:
             onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:300]
-        raise ModelError(f"{label} fails the ONNX checker: {first}", "fix the exporter output or re-export the model") from None
+        raise ModelError(f"{label} fails the ONNX checker: {_one_line(exc)}", "fix the exporter output or re-export the model") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (the CLI prints exactly one), cut to a readable length."""
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
 
 
 def make_session(proto_or_path: onnx.ModelProto | str | Path, threads: int = 1, optimize: bool = True):
@@ -158,6 +175,22 @@ def make_session(proto_or_path: onnx.ModelProto | str | Path, threads: int = 1, 
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
+def ort_session(source: bytes | str, options):
+    """A CPU session on a model the user gave: ONNX Runtime's refusal (a custom-domain or unimplemented operator,
+    an unsupported type) is a ModelError, not a crash."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    refusals = (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.NotImplemented,
+                ort_state.InvalidProtobuf, ort_state.RuntimeException)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except refusals as exc:
+        message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _one_line(exc))
+        raise ModelError(f"ONNX Runtime cannot run the model: {message}",
+                         "replace custom or unsupported operators, or register their library with ONNX Runtime") from None
+
+
 def save(proto: onnx.ModelProto, path: str | Path, *, force: bool = False, protect: tuple[Path, ...] = ()) -> Path:
     """Write a model atomically after it passes onnx.checker and loads in ONNX Runtime.
 
@@ -165,16 +198,17 @@ def save(proto: onnx.ModelProto, path: str | Path, *, force: bool = False, prote
     replaced model's old data file stays valid until the new model file is renamed into place.
     """
     path = atomic.check_writable(Path(path), force=force, protect=protect)
-    folder = path.resolve().parent
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    staging = atomic.temp_beside(path, folder=True)
+    folder = staging.parent
     try:
         staged_model = staging / path.name
-        data_name = _write_staged(proto, staged_model)
+        with atomic.disk_full_is_user_error(path):
+            data_name = _write_staged(proto, staged_model)
         verify_file(staged_model)
-        old_data = _external_files(path) if path.exists() else set()
+        old_data = _own_data_files(path) if path.exists() else set()
         if data_name:
-            os.replace(staging / data_name, folder / data_name)
-        os.replace(staged_model, path)
+            atomic.publish(staging / data_name, folder / data_name)
+        atomic.publish(staged_model, path)
         for stale in old_data - {data_name}:
             (folder / stale).unlink(missing_ok=True)
     finally:
@@ -190,19 +224,27 @@ def _write_staged(proto: onnx.ModelProto, staged_model: Path) -> str | None:
     copy.CopyFrom(proto)
     digest = hashlib.sha256()
     for tensor in copy.graph.initializer:
-        digest.update(tensor.name.encode())
-        digest.update(tensor.raw_data)
+        # The whole tensor, not just raw_data: two models whose data files share a name must share the content.
+        digest.update(tensor.SerializeToString())
     data_name = f"{staged_model.name}.{digest.hexdigest()[:12]}.data"
     external_data_helper.convert_model_to_external_data(copy, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
     onnx.save_model(copy, str(staged_model))
     return data_name
 
 
-def _external_files(model_path: Path) -> set[str]:
+def _own_data_files(model_path: Path) -> set[str]:
+    """The data files an earlier edgeq save of `model_path` wrote. Others are never deleted: a model being replaced
+    may share its data file with another model, the input among them."""
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever the old file is, it owns no data file of ours
         return set()
+    own = re.compile(rf"{re.escape(model_path.name)}\.[0-9a-f]{{12}}\.data")
+    return {name for name in data_locations(proto) if own.fullmatch(name)}
+
+
+def data_locations(proto: onnx.ModelProto) -> set[str]:
+    """The external data files a model refers to, as written in it (relative to the model's folder)."""
     return {
         entry.value
         for tensor in external_data_helper._get_all_tensors(proto)
@@ -217,8 +259,8 @@ def verify_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise ModelError(f"edgeq produced a model that fails the ONNX checker: {str(exc).splitlines()[0][:300]}", "report this with the input model; nothing was written") from None
+        raise ModelError(f"edgeq produced a model that fails the ONNX checker: {_one_line(exc)}", "report this with the input model; nothing was written") from None
     try:
         make_session(path)
     except Exception as exc:
-        raise ModelError(f"edgeq produced a model that ONNX Runtime cannot load: {str(exc).splitlines()[0][:300]}", "report this with the input model; nothing was written") from None
+        raise ModelError(f"edgeq produced a model that ONNX Runtime cannot load: {_one_line(exc)}", "report this with the input model; nothing was written") from None

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper, version_converter
 
-from edgeq.model import Model, opset_of
+from edgeq.model import Model, opset_of, ort_session
 
 PER_CHANNEL_OPSET = 13
 
@@ -82,9 +82,9 @@ def optimize_basic(proto: onnx.ModelProto) -> onnx.ModelProto:
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             src = Path(tmp) / "src.onnx"
             onnx.save_model(proto, str(src), save_as_external_data=True, location="src.onnx.data")
-            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            ort_session(str(src), opts)
         else:
-            ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            ort_session(proto.SerializeToString(), opts)
         return onnx.load(str(out))
 
 

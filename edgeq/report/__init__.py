@@ -72,7 +72,7 @@ def tradeoff_svg(models: list[dict]) -> str:
     ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    fig.savefig(buffer, format="svg", metadata={"Date": None})  # no timestamp: the same figures give the same page
     plt.close(fig)
     svg = buffer.getvalue()
     return svg[svg.index("<svg"):]
