@@ -9,7 +9,9 @@ from dataclasses import dataclass
 COMPUTE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Relu/Clip after a quantized op vanish into its output range (the quantizer removes them); without them in the
 # list a DQ→Relu→Q round trip stays in the graph (digits CNN: 12.2 → 9.0 ms at 1 thread, measured).
-STATIC_OP_TYPES = COMPUTE_OP_TYPES + ("Relu", "Clip")
+# Shape and pooling ops pass int8 data through unchanged; they are quantized only when their input already is,
+# which saves a DQ/Q round trip (digits CNN: 12.3 → 10.9 ms, measured).
+STATIC_OP_TYPES = COMPUTE_OP_TYPES + ("Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
 # Dynamic quantization turns Conv into ConvInteger, 5-8x slower than FP32 on x86 CPUs: matrix ops only.
 DYNAMIC_OP_TYPES = ("MatMul", "Gemm", "Attention", "LSTM", "GRU")
 # Float16 is unsafe for ops whose intermediate sums or exponentials overflow or lose too much precision.
