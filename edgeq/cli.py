@@ -35,6 +35,13 @@ class Mode(str, Enum):
 class Method(str, Enum):
     minmax = "minmax"
     percentile = "percentile"
+    entropy = "entropy"
+    mse = "mse"
+    auto = "auto"
+
+
+class WeightRange(str, Enum):
+    minmax = "minmax"
     mse = "mse"
 
 
@@ -44,7 +51,8 @@ class ActivationType(str, Enum):
 
 
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
-Preset = Annotated[str, typer.Option("--preset", help="Image preprocessing preset for image folders: raw, imagenet, ppocr, grey.")]
+Preset = Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey, with optional overrides, "
+                                                     "e.g. imagenet,size=256x256,layout=NHWC,mean=0.5/0.5/0.5.")]
 
 
 @app.command()
@@ -62,6 +70,10 @@ def quantize(
     exclude: Annotated[Optional[list[str]], typer.Option(help="Node names to keep in float (repeatable).")] = None,
     fp16_keep: Annotated[Optional[str], typer.Option(help="FP16: comma-separated op types to keep in FP32 (replaces the default list).")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many calibration samples.")] = None,
+    weight_range: Annotated[WeightRange, typer.Option(help="Static INT8 weight ranges: minmax, or mse (clipping that minimises the error).")] = WeightRange.minmax,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Static INT8: correct each layer's bias for its mean quantization error.")] = False,
+    equalize: Annotated[bool, typer.Option("--equalize", help="Static INT8: cross-layer equalization of consecutive conv/linear layers.")] = False,
+    smoothquant: Annotated[Optional[float], typer.Option(help="Static INT8: SmoothQuant migration strength alpha (e.g. 0.5) for MatMul/Gemm inputs.")] = None,
     preset: Preset = "raw",
     summary_json: Annotated[Optional[Path], typer.Option(help="Also write what was done as JSON.")] = None,
     force: Force = False,
@@ -91,7 +103,8 @@ def quantize(
             raise UserError("static INT8 needs calibration data", "pass --calib DATA, or use --mode dynamic")
         config = cfg.Int8Static(method=method.value, percentile=percentile, per_channel=per_channel,
                                 activation_type=activation_type.value, op_types=ops or cfg.STATIC_OP_TYPES,
-                                exclude_nodes=tuple(exclude or ()), max_samples=max_samples)
+                                exclude_nodes=tuple(exclude or ()), max_samples=max_samples, weight_range=weight_range.value,
+                                bias_correction=bias_correction, equalize=equalize, smoothquant=smoothquant)
         data = edgeq.open_data(calib, preset)
     result = edgeq.quantize(source, config, calib=data)
     result.save(output, force=force)
@@ -168,6 +181,41 @@ def compare(
     print_comparison(out, comparison)
     if json_out:
         atomic.write_json(json_out, comparison.to_dict())
+
+
+@app.command()
+def qat(
+    model: Annotated[str, typer.Argument(help="The model as MODULE:FACTORY (a function building the torch module).")],
+    weights: Annotated[Path, typer.Option(help="State dict saved with torch.save(model.state_dict(), PATH) (loaded weights-only).")],
+    train: Annotated[Path, typer.Option(help="Training DATA with labels (also the calibration source).")],
+    val: Annotated[Path, typer.Option(help="Validation DATA with labels: FP32, PTQ and QAT are measured on it.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the QDQ ONNX model.")],
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (early stop on 10% of the training data).")] = 3,
+    lr: Annotated[float, typer.Option(help="Learning rate (Adam, cosine schedule).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = True,
+    weight_bits: Annotated[int, typer.Option(help="Weight bits: 8 (INT8) or 4 (W4A8).")] = 8,
+    lsq: Annotated[bool, typer.Option("--lsq", help="Learn the quantization scales too (LSQ).")] = False,
+    preset: Preset = "raw",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.")] = None,
+    force: Force = False,
+) -> None:
+    """Quantization-aware training of a PyTorch model, exported as the same QDQ ONNX model PTQ writes."""
+    import edgeq
+    from edgeq import atomic
+
+    atomic.check_writable(output, force=force, protect=(weights, train, val))
+    if json_out:
+        atomic.check_writable(json_out, force=force, protect=(weights, train, val, output))
+    if weight_bits not in (8, 4):
+        raise UserError(f"--weight-bits {weight_bits} is not supported", "use 8 (INT8) or 4 (W4A8)")
+    from edgeq.qat.run import QatOptions, print_qat, run_qat
+
+    options = QatOptions(epochs=epochs, lr=lr, batch_size=batch_size, per_channel=per_channel, weight_bits=weight_bits, learn_scales=lsq)
+    result = run_qat(model, weights, edgeq.open_data(train, preset), edgeq.open_data(val, preset), output, options, force=force)
+    print_qat(out, result)
+    if json_out:
+        atomic.write_json(json_out, result)
 
 
 @app.command()

@@ -6,6 +6,7 @@ inputs on the way out, so folders are streamed and never loaded whole.
 from __future__ import annotations
 
 import tokenize
+import dataclasses
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -52,10 +53,18 @@ class ImagePreset:
 
     @staticmethod
     def named(name: str) -> "ImagePreset":
+        """A named preset, optionally with overrides after commas.
+
+        >>> ImagePreset.named("imagenet,size=256x256,layout=NHWC").size
+        (256, 256)
+        """
+        base, *overrides = [part.strip() for part in name.split(",")]
         try:
-            return PRESETS[name]
+            preset = PRESETS[base]
         except KeyError:
-            raise DataError(f"unknown image preset {name!r}", f"use one of: {', '.join(sorted(PRESETS))}") from None
+            raise DataError(f"unknown image preset {base!r}", f"use one of: {', '.join(sorted(PRESETS))}, optionally with "
+                            "overrides such as imagenet,size=256x256,layout=NHWC") from None
+        return dataclasses.replace(preset, **dict(_preset_override(item) for item in overrides))
 
     def load(self, path: Path) -> np.ndarray:
         from PIL import Image
@@ -77,6 +86,28 @@ class ImagePreset:
         std = np.asarray(self.std[:channels], np.float32)
         arr = (arr * np.float32(self.scale) - mean) / std
         return np.ascontiguousarray(arr.transpose(2, 0, 1) if self.layout == "NCHW" else arr)
+
+
+def _preset_override(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    fix = "write overrides as key=value: size=HxW, scale=0.0039, mean=0.5/0.5/0.5, std=0.5/0.5/0.5, layout=NCHW|NHWC, color=RGB|BGR|L"
+    try:
+        if not sep:
+            raise ValueError
+        if key == "size":
+            height, width = (int(v) for v in value.lower().split("x"))
+            return key, (height, width)
+        if key == "scale":
+            return key, float(value)
+        if key in ("mean", "std"):
+            return key, tuple(float(v) for v in value.split("/"))
+        if key == "layout" and value in ("NCHW", "NHWC"):
+            return key, value
+        if key == "color" and value in ("RGB", "BGR", "L"):
+            return key, value
+    except ValueError:
+        pass
+    raise DataError(f"bad image preset override {item!r}", fix)
 
 
 PRESETS = {
