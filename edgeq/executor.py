@@ -1,0 +1,60 @@
+"""Where candidate evaluations run. `auto` only calls `executor.map(fn, tasks)`: a local process pool now; a
+distributed engine plugs in by implementing the same method (tasks and results are plain picklable values).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Protocol, Sequence
+
+
+class Executor(Protocol):
+    """Runs `fn` on every task, returns the results in task order."""
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcess:
+    """Runs tasks one after another in this process (debugging, tiny models)."""
+
+    workers = 1
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]:
+        return [fn(t) for t in tasks]
+
+    def close(self) -> None:
+        pass
+
+
+class LocalPool:
+    """A pool of worker processes (spawned, so no ONNX Runtime thread state is forked), started on first use.
+
+    >>> with LocalPool(2) as pool:                              # doctest: +SKIP
+    ...     pool.map(abs, [-1, -2])
+    [1, 2]
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = max(1, workers or min(4, os.cpu_count() or 1))
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]:
+        if not tasks:
+            return []
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return list(self._pool.map(fn, tasks))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "LocalPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

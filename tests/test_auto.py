@@ -1,0 +1,137 @@
+"""`auto` on the honest test model (a trained digits CNN with outliers planted into two layers), the search, the
+executor and the Pareto front."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import edgeq
+from edgeq.executor import InProcess, LocalPool
+from edgeq.report.auto import pareto_front
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """Trained once per machine (seeded, so the same model every time) and kept in ~/.cache/edgeq."""
+    pytest.importorskip("torch")
+    from edgeq.analyze.planted import DEFAULT_BROKEN, PlantedModel, make_planted_model
+
+    cache = Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq")) / "planted-cnn-e4-b64-v1"
+    if not (cache / "planted.onnx").is_file():
+        staging = tmp_path_factory.mktemp("planted")
+        make_planted_model(staging, epochs=4, batch=64)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(staging, cache.with_suffix(".tmp"), dirs_exist_ok=True)
+            os.replace(cache.with_suffix(".tmp"), cache)
+        except OSError:
+            cache = staging          # read-only home: use the fresh copy
+    import onnx
+
+    proto = onnx.load(str(cache / "planted.onnx"))
+    layers = [n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    return PlantedModel(cache / "fp32.onnx", cache / "planted.onnx", list(DEFAULT_BROKEN), layers)
+
+
+@pytest.mark.slow
+def test_auto_meets_the_budget_keeping_90_percent_int8_and_names_the_broken_layers(planted, tmp_path):
+    folder = planted.planted.parent
+    val = edgeq.Dataset.from_npz(folder / "val.npz")
+    # planting is function-preserving: the FP32 accuracy is the trained model's
+    assert edgeq.validate(planted.planted, val).value == pytest.approx(edgeq.validate(planted.fp32, val).value, abs=0.2)
+    out = tmp_path / "auto"
+    proc = subprocess.run([sys.executable, "-m", "edgeq.cli", "auto", str(planted.planted), "--calib", str(folder / "calib.npz"),
+                           "--val", str(folder / "val.npz"), "--budget", "1", "-o", str(out), "--workers", "2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    cands = {c["name"]: c for c in report["candidates"]}
+    full = [c for c in report["candidates"] if c["kind"] == "int8" and not c["float_layers"]]
+    assert min(c["drop"] for c in full) > 1.0, "the planted outliers must break plain INT8"
+    assert report["verdict"]["status"] == "met"
+    chosen = cands[report["chosen"]]
+    assert chosen["meets"] and chosen["drop"] <= 1.0
+    assert set(chosen["float_layers"]) <= set(planted.broken)
+    assert (report["layers"] - len(chosen["float_layers"])) / report["layers"] >= 0.9
+    assert report["layers"] == len(planted.quantizable) == 35
+    assert set(planted.broken) <= set(report["verdict"]["broken_layers"])
+    meeting = [c for c in report["candidates"] if c["meets"] and c["kind"] != "fp32"]
+    assert chosen["p50_ms"] == min(c["p50_ms"] for c in meeting)
+    assert all(c.get("p50_ms") for c in report["candidates"])
+    assert report["evaluations"] == len(report["candidates"]) <= 8
+    html = (out / "report.html").read_text()
+    assert f"Evaluations: <b>{report['evaluations']}</b>" in html
+    assert all(name in html for name in planted.broken)
+    assert (out / "model.onnx").is_file()
+    for name in cands:
+        assert (out / "candidates" / f"{name}.json").is_file() and (out / "candidates" / f"{name}.onnx").is_file()
+    assert report["analysis"]["sensitivity"][0]["node"] in planted.broken
+    assert {o["node"] for o in report["analysis"]["outliers"][:2]} == set(planted.broken)
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_executors_agree():
+    tasks = list(range(7))
+    with LocalPool(2) as pool:
+        assert pool.map(_square, tasks) == InProcess().map(_square, tasks) == [t * t for t in tasks]
+
+
+@pytest.mark.parametrize("needed,guess", [(5, 1), (1, 1), (3, 3), (30, 2), (2, 4)])
+def test_fallback_search_finds_the_fewest_layers_in_few_evaluations(monkeypatch, needed, guess):
+    """A stand-in evaluator: the budget holds once the top `needed` ranked layers are float."""
+    auto_mod = importlib.import_module("edgeq.auto")
+
+    monkeypatch.setattr(auto_mod, "quantize_qdq", lambda prep, exclude=(): list(exclude))
+    ranked = [f"layer{i}" for i in range(30)]
+
+    class Search:
+        evaluations = 0
+
+        def evaluate(self, cands):
+            self.evaluations += 1
+            (name, layers, meta) = cands[0]
+            return [{"name": name, "drop": 0.5 if len(layers) >= needed else 3.0, "meets": len(layers) >= needed, **meta}]
+
+    sens = [SimpleNamespace(node=n, only_quantized=SimpleNamespace(sqnr_db=5.0 if i < guess else 40.0)) for i, n in enumerate(ranked)]
+    steps: list[dict] = []
+    search = Search()
+    auto_mod._fallback_search(search, None, {"method": "mse", "drop": 3.0}, ranked, SimpleNamespace(sensitivity=sens), steps, lambda *a: None)
+    tried = {s["float_count"]: s["meets"] for s in steps if "float_count" in s}
+    assert min(k for k, ok in tried.items() if ok) == needed
+    assert tried.get(needed - 1, False) is False or needed == 1
+    assert search.evaluations <= 2 * int(np.ceil(np.log2(30))) + 1
+
+
+def test_pareto_front_known_answer():
+    c = [dict(name="a", size_mb=1, p50_ms=1, metric_value=90), dict(name="b", size_mb=2, p50_ms=2, metric_value=89),
+         dict(name="c", size_mb=0.5, p50_ms=3, metric_value=95), dict(name="d", size_mb=1, p50_ms=1, metric_value=90)]
+    assert pareto_front(c) == ["a", "c", "d"]   # b is beaten by a on all three; a and d tie
+
+
+def test_verdict_when_nothing_meets_the_budget_recommends_qat_or_fp16():
+    auto_mod = importlib.import_module("edgeq.auto")
+    analysis = SimpleNamespace(sensitivity=[], outliers=[])
+    best = {"method": "mse", "drop": 5.0, "meets": False}
+    fp32 = {"name": "fp32", "kind": "fp32", "drop": 0.0, "meets": True, "size_mb": 4.0, "p50_ms": 2.0, "float_layers": []}
+    fp16 = {"name": "fp16", "kind": "fp16", "drop": 0.1, "meets": True, "size_mb": 2.0, "p50_ms": 2.2, "float_layers": []}
+    search = SimpleNamespace(records={"fp32": fp32, "fp16": fp16}, evaluations=9)
+    v = auto_mod._verdict(fp16, [fp16], search, 1.0, 35, analysis, best)
+    assert v["status"] == "fp16" and "no INT8 or mixed-precision model meets the budget" in v["summary"]
+    assert any("quantization-aware training" in r for r in v["reasons"]) and any("FP16: drop +0.10" in r for r in v["reasons"])
+    assert v["reasons"][-1].startswith("9 evaluations")
+    fp16_bad = dict(fp16, drop=2.0, meets=False)
+    search.records["fp16"] = fp16_bad
+    v = auto_mod._verdict(fp32, [], search, 1.0, 35, analysis, best)
+    assert v["status"] == "not-met" and any("misses the budget" in r for r in v["reasons"])
