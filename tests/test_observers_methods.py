@@ -1,0 +1,159 @@
+"""Entropy, per-channel and streaming observers against brute-force references on small arrays; constant memory."""
+import tracemalloc
+
+import numpy as np
+import pytest
+from scipy.stats import entropy as scipy_kl
+
+import edgeq
+from edgeq.calibrate import METHODS, calibrate, observe
+from edgeq.calibrate.observers import (ChannelHistogramObserver, ChannelMinMaxObserver, HistogramObserver, _kl_threshold,
+                                       range_of)
+
+
+def _smooth(p, eps=1e-4):
+    zeros = p == 0
+    n_zero, n_nonzero = zeros.sum(), p.size - zeros.sum()
+    return p.astype(np.float64) + eps * zeros - (eps * n_zero / n_nonzero) * ~zeros
+
+
+def brute_force_kl_threshold(hist: np.ndarray, levels: int) -> int:
+    """MXNet/TensorRT's loop, one candidate at a time (the reference the vectorised search must reproduce)."""
+    used = int(np.flatnonzero(hist)[-1]) + 1
+    if used <= levels:
+        return used
+    best_kl, best_t = np.inf, None
+    for t in range(levels, used + 1):
+        sliced = hist[:t].astype(np.float64)
+        p = sliced.copy()
+        p[-1] += hist[t:].sum()
+        nonzero = p != 0
+        merged = t // levels
+        q = np.zeros(t)
+        for j in range(levels):
+            lo, hi = j * merged, (t if j == levels - 1 else (j + 1) * merged)
+            n = nonzero[lo:hi].sum()
+            if n:
+                q[lo:hi] = np.where(nonzero[lo:hi], sliced[lo:hi].sum() / n, 0.0)
+        kl = scipy_kl(_smooth(p), _smooth(q))
+        if kl < best_kl:
+            best_kl, best_t = kl, t
+    return best_t
+
+
+@pytest.mark.parametrize("case", ["laplace", "relu", "outlier"])
+def test_entropy_threshold_equals_brute_force(case):
+    rng = np.random.default_rng(0)
+    x = {"laplace": rng.laplace(0, 1, 20_000), "relu": np.maximum(rng.normal(0, 1, 20_000), 0),
+         "outlier": np.concatenate([rng.normal(0, 1, 20_000), [25.0]])}[case].astype(np.float32)
+    obs = HistogramObserver(bins=1024)
+    obs.update(x)
+    half = obs.bins // 2
+    folded = (obs.counts[half:] + obs.counts[:half][::-1]).astype(np.float64)
+    folded[0] = folded[1]
+    levels = 256 if x.min() >= 0 else 128
+    assert _kl_threshold(folded, levels) == brute_force_kl_threshold(folded, levels)
+    low, high = obs.entropy_range()
+    t = brute_force_kl_threshold(folded, levels) * obs.half_width / half
+    assert high == pytest.approx(min(t, float(x.max())))
+    assert low == pytest.approx(max(-t, float(x.min())))
+
+
+def test_entropy_differs_from_minmax_on_heavy_tails():
+    """ONNX Runtime's default Entropy (128 bins = 128 levels) returns min/max; the TensorRT search clips outliers."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 1, 200_000), [30.0, -28.0]]).astype(np.float32)
+    obs = HistogramObserver()
+    obs.update(x)
+    low, high = obs.entropy_range()
+    assert -28.0 < low < -2.0 and 2.0 < high < 30.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_streaming_equals_one_shot_for_every_method(method):
+    rng = np.random.default_rng(2)
+    chunks = [rng.normal(0, s, 3000).astype(np.float32) for s in (0.2, 3.0, 1.0, 12.0)]
+    one_shot = HistogramObserver()
+    one_shot.update(np.concatenate(chunks))
+    streamed = HistogramObserver()
+    for chunk in reversed(chunks):
+        streamed.update(chunk)
+    for symmetric in (False, True):
+        assert range_of(streamed, method, symmetric=symmetric) == range_of(one_shot, method, symmetric=symmetric)
+
+
+def test_per_channel_observers_equal_per_tensor_observers_on_each_channel():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (64, 4, 5, 5)).astype(np.float32) * np.array([0.1, 1.0, 10.0, 100.0], np.float32)[None, :, None, None]
+    x[:, 0] = np.abs(x[:, 0])  # one one-sided channel
+    mm, hist = ChannelMinMaxObserver(axis=1), ChannelHistogramObserver(axis=1)
+    for chunk in np.array_split(x, 5):
+        mm.update(chunk)
+        hist.update(chunk)
+    low, high = mm.range()
+    np.testing.assert_array_equal(low, x.min(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(high, x.max(axis=(0, 2, 3)))
+    for method in METHODS:
+        lows, highs = hist.ranges(method)
+        for c in range(4):
+            single = HistogramObserver()
+            single.update(x[:, c])
+            assert (lows[c], highs[c]) == pytest.approx(range_of(single, method))
+
+
+def test_per_channel_calibration_along_last_axis(conv_model_path, conv_data):
+    model = edgeq.load(conv_model_path)
+    cal = calibrate(model, edgeq.Dataset.from_npz(conv_data), ["logits"], method="minmax", channel_axis=-1)
+    low, high = cal.ranges["logits"]
+    logits = model.session().run(["logits"], {"x": np.load(conv_data)["x"]})[0]
+    np.testing.assert_allclose(low, logits.min(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(high, logits.max(axis=0), rtol=1e-5)
+
+
+def test_holdout_batches_never_reach_the_observers(conv_model_path, conv_data):
+    model = edgeq.load(conv_model_path)
+    data = edgeq.Dataset.from_npz(conv_data)
+    seen = observe(model, data, ["x"], histogram=False, batch_size=10, holdout=True)
+    assert seen.samples == 160 and sum(b.size for b in seen.holdout) == 40
+    x = np.load(conv_data)["x"]
+    kept = np.concatenate([x[i * 10:(i + 1) * 10] for i in range(20) if i % 5 != 4])
+    assert seen.observers["x"].range() == (float(kept.min()), float(kept.max()))
+
+
+def _streamed(n: int) -> edgeq.Dataset:
+    def source():
+        rng = np.random.default_rng(0)
+        for _ in range(n // 20):
+            yield {"x": rng.normal(0, 1, (20, 1, 8, 8)).astype(np.float32)}
+
+    return edgeq.Dataset(source, length=n)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_calibration_memory_is_constant_in_the_number_of_samples(conv_model_path, method):
+    """Python-side peak allocation (numpy reports to tracemalloc) while streaming 100 vs 2000 samples. Keeping the
+    activations of 2000 samples would take ~25 MB here; the slack of 64 KB covers ONNX Runtime's small caches."""
+    model = edgeq.load(conv_model_path)
+    calibrate(model, _streamed(100), method=method, batch_size=20)  # warm-up: imports and first-call caches
+    peaks = []
+    for n in (100, 2000):
+        tracemalloc.start()
+        calibrate(model, _streamed(n), method=method, batch_size=20)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] <= 1.10 * peaks[0] + 64 * 1024, peaks
+
+
+def test_calibrating_only_the_needed_tensors_gives_the_same_model(conv_model_path, conv_data, monkeypatch):
+    """Static INT8 observes only the tensors the quantizer reads ranges of (no pre-ReLU outputs, no outputs that take
+    their input's scale): the QDQ model is byte-identical to one calibrated on every tensor."""
+    import importlib
+
+    int8 = importlib.import_module("edgeq.quantize.int8")
+    data = edgeq.Dataset.from_npz(conv_data)
+    for method in ("minmax", "entropy"):
+        needed = edgeq.quantize(conv_model_path, edgeq.Int8Static(method=method), calib=data)
+        with monkeypatch.context() as patch:
+            patch.setattr(int8, "quantized_tensors", lambda proto, ops, exclude=(): None)
+            everything = edgeq.quantize(conv_model_path, edgeq.Int8Static(method=method), calib=data)
+        assert needed.proto.SerializeToString() == everything.proto.SerializeToString()
