@@ -60,6 +60,10 @@ METRICS = {
     "sqnr_db": MetricInfo(None, unit="dB"),
     "mean_abs_diff": MetricInfo("abs_diff", higher_is_better=False),
     f"iou@{MAP_THRESHOLD}": MetricInfo(f"iou@{MAP_THRESHOLD}", points=100),
+    # Causal LMs on token windows: per-window mean negative log-likelihood; perplexity = exp(mean nll). A perplexity
+    # drop is the relative increase in percent (exp of the paired nll difference, minus one).
+    "perplexity": MetricInfo("nll", higher_is_better=False),
+    "nll": MetricInfo("nll", higher_is_better=False, unit="nats/token"),
 }
 
 
@@ -130,8 +134,10 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
              batch_size: int = 32, output: str | None = None) -> ValidationRecord:
     """Run `model` on `data` with ONNX Runtime and measure it.
 
-    Labels that are class ids give top-1 (and top-5) accuracy in percent; float labels give MAE and RMSE. Without
-    labels, `reference` is required and the metric is fidelity to it: top-1 agreement, cosine, SQNR (and, for
+    Labels that are class ids give top-1 (and top-5) accuracy in percent; float labels give MAE and RMSE. A causal
+    language model (one integer input of token ids, logits [batch, sequence, vocabulary] out) on unlabelled token
+    windows and without `reference` gives perplexity, each window a sample. Otherwise without labels, `reference` is required and the metric
+    is fidelity to it: top-1 agreement, cosine, SQNR (and, for
     outputs in [0, 1] such as detection probability maps, mean absolute difference and IoU at 0.3). NaN/Inf in
     inputs or outputs is counted and reported, never refused.
 
@@ -145,7 +151,9 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
     ref = _Reference.open(reference, out_name) if reference is not None else None
     digest = hashlib.sha256()
     stream = _fingerprinted(data, digest)
-    scorer = _Scorer(has_reference=ref is not None)
+    # Perplexity needs no reference; with one, the metric is fidelity to it, as for any model.
+    lm_input = _causal_lm_input(subject) if ref is None and out_name == subject.outputs[0].name else None
+    scorer = _Scorer(has_reference=ref is not None, lm_input=lm_input)
     session = subject.session()
     for batch in batches(stream, subject.inputs, batch_size, refuse_nonfinite=False):
         y = _run(session, out_name, batch.inputs, subject_label, data.description)
@@ -159,6 +167,30 @@ def _load(model: Path | str | Model) -> tuple[Model, str]:
     if isinstance(model, Model):
         return model, f"<in memory: {model.name}>"
     return load(model), str(model)
+
+
+def _causal_lm_input(model: Model) -> str | None:
+    """The token-id input of a causal LM: a single integer input [batch, sequence] and a rank-3 float first output."""
+    inputs, outputs = model.inputs, model.outputs
+    if len(inputs) == 1 and inputs[0].dtype.kind in "iu" and inputs[0].rank == 2 and outputs and outputs[0].rank == 3 \
+            and outputs[0].dtype.kind == "f":
+        return inputs[0].name
+    return None
+
+
+def window_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mean negative log-likelihood (nats per token) of each window's next tokens: logits [n, T, V], ids [n, T].
+
+    >>> float(window_nll(np.zeros((1, 3, 4)), np.array([[0, 1, 2]]))[0]) == float(np.log(4))
+    True
+    """
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise DataError(f"token windows have shape {ids.shape}", "give input_ids as [windows, tokens] with at least 2 tokens")
+    z = logits[:, :-1].astype(np.float64)
+    top = z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z - top).sum(axis=-1)) + top[..., 0]
+    target = np.take_along_axis(z, ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+    return (lse - target).mean(axis=1)
 
 
 def _output_name(model: Model, output: str | None) -> str:
@@ -228,6 +260,7 @@ class _Scorer:
     """Per-sample columns for every metric; the task (classify, regress, fidelity) is fixed by the first batch."""
 
     has_reference: bool
+    lm_input: str | None = None
     labelled: bool | None = None
     task: str | None = None
     samples: int = 0
@@ -237,7 +270,12 @@ class _Scorer:
 
     def add(self, batch: Batch, y: np.ndarray, r: np.ndarray | None) -> None:
         labels = batch.labels
-        self._check_labels(labels)
+        if self.lm_input is not None and labels is None:
+            self.labelled, self.task = False, "lm"
+            nll = window_nll(y, batch.inputs[self.lm_input])
+            self._append({"nll": np.where(_failed_rows(y), np.nan, nll)})
+        else:
+            self._check_labels(labels)
         self.samples += len(y)
         failed = _failed_rows(y)
         self.counts["inputs"] += count_nonfinite(batch)
@@ -273,7 +311,12 @@ class _Scorer:
         cols = {name: np.concatenate(parts) for name, parts in self.columns.items()}
         n = self.samples
         metrics, per_sample, predictions = {}, {}, None
-        if self.labelled:
+        if self.task == "lm":
+            nll = mean_estimate(cols["nll"])
+            metrics["perplexity"] = _contain(Estimate(math.exp(nll.value), (math.exp(nll.ci95[0]), math.exp(nll.ci95[1]))))
+            metrics["nll"] = nll
+            per_sample["nll"] = cols["nll"]
+        elif self.labelled:
             predictions = cols.get("prediction")
             found = _classify_metrics(cols) if self.task == "classify" else _regress_metrics(cols)
             metrics.update(found)
@@ -284,7 +327,7 @@ class _Scorer:
             metrics.update(found)
             per_sample.update(_kept(fid, found))
             predictions = predictions if predictions is not None else fid.get("prediction")
-        primary = _primary(metrics, self.task if self.labelled else "fidelity")
+        primary = _primary(metrics, self.task if self.labelled or self.task == "lm" else "fidelity")
         nonfinite = dict(self.counts)
         warnings = [*notes, *self.warnings, *_nonfinite_warnings(nonfinite, n, cols)]
         return ValidationRecord(model, data, output, primary, n, metrics, per_sample, fingerprint, predictions, reference,
@@ -425,7 +468,7 @@ def _fidelity_metrics(cols: dict[str, np.ndarray]) -> dict[str, Estimate]:
 
 
 def _primary(metrics: dict[str, Estimate], task: str | None) -> str:
-    for name in {"classify": ("top1",), "regress": ("mae",)}.get(task or "", ("top1_agreement", "cosine")):
+    for name in {"classify": ("top1",), "regress": ("mae",), "lm": ("perplexity",)}.get(task or "", ("top1_agreement", "cosine")):
         if name in metrics:
             return name
     raise ModelError("the model's output is neither class scores nor float values that can be compared",
@@ -620,6 +663,8 @@ def compare(base: dict | ValidationRecord, candidate: dict | ValidationRecord, r
     diff = _paired_drop(base, cand, info)
     drop = round(float(diff.mean()), 9) + 0.0 if len(diff) else math.nan  # no float dust (or -0.0) at a threshold
     drop_ci = _contain(Estimate(drop, bootstrap_ci(lambda d: d.mean(axis=1), diff))).ci95
+    if base["metric"] == "perplexity":  # paired nll difference → relative perplexity increase in percent
+        drop, drop_ci = _relative_ppl(drop), (_relative_ppl(drop_ci[0]), _relative_ppl(drop_ci[1]))
     within = bool(drop_ci[0] <= 0 <= drop_ci[1])
     agreement = _agreement(base, cand)
     verdict = decide(drop, drop_ci, rule, samples=len(diff))
@@ -628,6 +673,10 @@ def compare(base: dict | ValidationRecord, candidate: dict | ValidationRecord, r
                       _float(base["value"]), _float(cand["value"]), _pair(base.get("ci95")), _pair(cand.get("ci95")),
                       str(base.get("model")), str(cand.get("model")), drop, drop_ci, within, agreement,
                       verdict.verdict, reasons, rule)
+
+
+def _relative_ppl(nll_increase: float) -> float:
+    return round(100 * math.expm1(nll_increase), 9) + 0.0 if math.isfinite(nll_increase) else nll_increase
 
 
 def _as_dict(record: dict | ValidationRecord) -> dict:
@@ -670,7 +719,9 @@ def _context(base: dict, cand: dict, info: MetricInfo, paired: int, agreement: E
         lines.append(f"{n - paired} samples with non-finite results on either side are left out of the paired drop")
     if agreement is not None:
         lines.append(f"the models pick the same top-1 class on {agreement.value:.2f}% of samples")
-    if info.points != 1:
+    if metric == "perplexity":
+        lines.append("the perplexity drop is its relative increase in percent, paired window by window")
+    elif info.points != 1:
         lines.append(f"{metric} drops are counted in points of {1 / info.points:g}")
     elif info.unit != "%":
         lines.append(f"the {metric} drop is in the targets' units: set --ship-below/--qat-up-to to what your application tolerates")
@@ -678,6 +729,8 @@ def _context(base: dict, cand: dict, info: MetricInfo, paired: int, agreement: E
 
 
 def _unit(metric: str) -> str:
+    if metric == "perplexity":
+        return "% relative increase"
     info = METRICS[metric]
     if info.unit == "%":
         return "percentage points"

@@ -7,10 +7,10 @@ from pathlib import Path
 from edgeq.data import Dataset
 from edgeq.errors import ConfigError
 from edgeq.model import Model, load
-from edgeq.quantize.config import Fp16, Int8Dynamic, Int8Static
+from edgeq.quantize.config import Fp16, Int4WeightOnly, Int8Dynamic, Int8Static
 from edgeq.quantize.summary import QuantSummary
 
-Config = Fp16 | Int8Dynamic | Int8Static
+Config = Fp16 | Int8Dynamic | Int8Static | Int4WeightOnly
 
 
 @dataclass
@@ -41,6 +41,10 @@ def quantize(model: Model | str | Path, config: Config, calib: Dataset | None = 
         from edgeq.quantize.int8 import quantize_static
 
         result, summary, _ = quantize_static(source, config, calib)
+    elif isinstance(config, Int4WeightOnly):
+        from edgeq.quantize.int4 import quantize_int4
+
+        result, summary = quantize_int4(source, config, calib)
     else:
-        raise ConfigError(f"unknown quantization config {type(config).__name__}", "use Fp16, Int8Dynamic or Int8Static")
+        raise ConfigError(f"unknown quantization config {type(config).__name__}", "use Fp16, Int8Dynamic, Int8Static or Int4WeightOnly")
     return QuantizedModel(result.proto, source.path, summary=summary)
