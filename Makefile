@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c constraints.txt
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean report-shot
 
 $(VENV)/.stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +22,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# A PNG of an `edgeq auto` report (planted-outlier digits CNN) for the README; installs chromium when missing (root + apt).
+report-shot: venv
+	$(PY) -m edgeq.report.shot -o docs/auto-report.png --workdir report-shot-out
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out report-shot-out

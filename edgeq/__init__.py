@@ -5,6 +5,8 @@
 >>> q = edgeq.quantize(model, edgeq.Int8Static(), calib=edgeq.Dataset.from_npz("calib.npz"))  # doctest: +SKIP
 >>> q.save("model_int8.onnx")                                                          # doctest: +SKIP
 """
+from edgeq.analyze import analyze
+from edgeq.auto import auto
 from edgeq.bench import BenchConfig, benchmark
 from edgeq.data import Dataset, ImagePreset, open_data
 from edgeq.decide import DecisionRule, decide
@@ -12,9 +14,10 @@ from edgeq.evaluate import compare, validate
 from edgeq.errors import UserError
 from edgeq.model import Model, TensorSpec, load
 from edgeq.quantize import QuantizedModel, quantize
-from edgeq.quantize.config import Fp16, Int8Dynamic, Int8Static
+from edgeq.quantize.config import Fp16, Int4WeightOnly, Int8Dynamic, Int8Static
 
-__all__ = ["BenchConfig", "Dataset", "DecisionRule", "Fp16", "ImagePreset", "Int8Dynamic", "Int8Static", "Model",
+__all__ = ["BenchConfig", "Dataset", "DecisionRule", "Fp16", "ImagePreset", "Int4WeightOnly", "Int8Dynamic", "Int8Static", "Model",
            "QuantizedModel", "TensorSpec", "UserError", "benchmark", "compare", "decide", "load", "open_data", "quantize",
            "validate"]
+__all__ += ["analyze", "auto"]
 __version__ = "0.1.0"

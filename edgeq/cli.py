@@ -45,6 +45,16 @@ class WeightRange(str, Enum):
     mse = "mse"
 
 
+class Algorithm(str, Enum):
+    rtn = "rtn"
+    gptq = "gptq"
+
+
+class Int4Format(str, Enum):
+    nbits = "nbits"
+    qdq = "qdq"
+
+
 class ActivationType(str, Enum):
     uint8 = "uint8"
     int8 = "int8"
@@ -74,11 +84,17 @@ def quantize(
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Static INT8: correct each layer's bias for its mean quantization error.")] = False,
     equalize: Annotated[bool, typer.Option("--equalize", help="Static INT8: cross-layer equalization of consecutive conv/linear layers.")] = False,
     smoothquant: Annotated[Optional[float], typer.Option(help="Static INT8: SmoothQuant migration strength alpha (e.g. 0.5) for MatMul/Gemm inputs.")] = None,
+    block_size: Annotated[int, typer.Option(help="INT4: weights per block along the reduction axis (16, 32, 64, 128).")] = 32,
+    algorithm: Annotated[Algorithm, typer.Option(help="INT4: rtn (round to nearest) or gptq (needs --calib).")] = Algorithm.rtn,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="INT4: symmetric blocks, or a zero point per block.")] = True,
+    int8_layers: Annotated[Optional[str], typer.Option(help="INT4: layers kept at INT8: first-last, auto:N (the N most sensitive), or node names, comma-separated.")] = None,
+    int4_format: Annotated[Int4Format, typer.Option(help="INT4: nbits (ONNX Runtime MatMulNBits, fastest) or qdq (blocked DequantizeLinear, opset 21).")] = Int4Format.nbits,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="INT4: also quantize Gather embedding tables.")] = False,
     preset: Preset = "raw",
     summary_json: Annotated[Optional[Path], typer.Option(help="Also write what was done as JSON.")] = None,
     force: Force = False,
 ) -> None:
-    """Quantize MODEL to FP16 or INT8 (dynamic or static QDQ)."""
+    """Quantize MODEL to FP16, INT8 (dynamic or static QDQ) or INT4 (weight-only, block-wise)."""
     import edgeq
     from edgeq import atomic
     from edgeq.quantize import config as cfg
@@ -94,7 +110,12 @@ def quantize(
                           block_nodes=tuple(exclude or ()))
         data = None
     elif precision is Precision.int4:
-        raise UserError("INT4 weight-only quantization is not in this version yet", "use --precision int8 or fp16")
+        config = cfg.Int4WeightOnly(block_size=block_size, symmetric=symmetric, algorithm=algorithm.value, format=int4_format.value,
+                                    op_types=ops or ("MatMul", "Gemm"), embeddings=embeddings, exclude_nodes=tuple(exclude or ()),
+                                    max_samples=max_samples, **_int8_layers(int8_layers))
+        if algorithm is Algorithm.gptq and calib is None:
+            raise UserError("--algorithm gptq needs calibration data", "pass --calib DATA (a few hundred sequences), or use --algorithm rtn")
+        data = edgeq.open_data(calib, preset) if calib is not None else None
     elif mode is Mode.dynamic:
         config = cfg.Int8Dynamic(per_channel=per_channel, op_types=ops or cfg.DYNAMIC_OP_TYPES, exclude_nodes=tuple(exclude or ()))
         data = None
@@ -111,6 +132,26 @@ def quantize(
     print_quant_summary(out, source, result, output)
     if summary_json:
         atomic.write_json(summary_json, result.summary.to_dict())
+
+
+def _int8_layers(spec: str | None) -> dict:
+    """--int8-layers: "first-last", "auto:N", names, or a mix, comma-separated."""
+    found: dict = {"int8_layers": (), "int8_first_last": False, "int8_auto": 0}
+    names = []
+    for item in (t.strip() for t in (spec or "").split(",")):
+        if not item:
+            continue
+        if item == "first-last":
+            found["int8_first_last"] = True
+        elif item.startswith("auto:"):
+            count = item.removeprefix("auto:")
+            if not count.isdigit():
+                raise UserError(f"--int8-layers {item!r}: the count after auto: must be a whole number", "write e.g. auto:2")
+            found["int8_auto"] = int(count)
+        else:
+            names.append(item)
+    found["int8_layers"] = tuple(names)
+    return found
 
 
 @app.command()
@@ -196,6 +237,7 @@ def qat(
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = True,
     weight_bits: Annotated[int, typer.Option(help="Weight bits: 8 (INT8) or 4 (W4A8).")] = 8,
     lsq: Annotated[bool, typer.Option("--lsq", help="Learn the quantization scales too (LSQ).")] = False,
+    weight_storage: Annotated[str, typer.Option(help="4-bit weights stored as int4 (smallest) or int8 (ONNX Runtime CPU's fast int8 kernels).")] = "int4",
     preset: Preset = "raw",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.")] = None,
     force: Force = False,
@@ -211,11 +253,65 @@ def qat(
         raise UserError(f"--weight-bits {weight_bits} is not supported", "use 8 (INT8) or 4 (W4A8)")
     from edgeq.qat.run import QatOptions, print_qat, run_qat
 
-    options = QatOptions(epochs=epochs, lr=lr, batch_size=batch_size, per_channel=per_channel, weight_bits=weight_bits, learn_scales=lsq)
+    if weight_storage not in ("int4", "int8"):
+        raise UserError(f"--weight-storage {weight_storage} is not supported", "use int4 or int8")
+    options = QatOptions(epochs=epochs, lr=lr, batch_size=batch_size, per_channel=per_channel, weight_bits=weight_bits, learn_scales=lsq,
+                         weight_storage=weight_storage)
     result = run_qat(model, weights, edgeq.open_data(train, preset), edgeq.open_data(val, preset), output, options, force=force)
     print_qat(out, result)
     if json_out:
         atomic.write_json(json_out, result)
+
+
+@app.command()
+def analyze(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration DATA: enables sensitivity and data-quality checks.")] = None,
+    target: Annotated[str, typer.Option(help="Target profile: onnxruntime-cpu, tflite-int8, npu-int8, or a profile .json.")] = "onnxruntime-cpu",
+    val: Annotated[Optional[Path], typer.Option(help="Validation DATA: coverage of its activations by the calibrated ranges.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration samples used to measure sensitivity.")] = 128,
+    preset: Preset = "raw",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the analysis as JSON.")] = None,
+    force: Force = False,
+) -> None:
+    """Why a model breaks under INT8: per-layer sensitivity, weight outliers, operator support, calibration data."""
+    import edgeq
+    from edgeq import atomic
+    from edgeq.analyze import analyze as run_analyze
+    from edgeq.analyze import print_analysis
+
+    if json_out:
+        atomic.check_writable(json_out, force=force, protect=(model, calib, val))
+    result = run_analyze(model, edgeq.open_data(calib, preset) if calib else None, target,
+                         val=edgeq.open_data(val, preset) if val else None, samples=samples)
+    print_analysis(out, result)
+    if json_out:
+        atomic.write_json(json_out, result.to_dict())
+
+
+@app.command()
+def auto(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    calib: Annotated[Path, typer.Option(help="Calibration DATA.")],
+    val: Annotated[Path, typer.Option(help="Validation DATA (labels give top-1; the metric the budget is in).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the chosen model, candidates and the report.")],
+    budget: Annotated[float, typer.Option(help="Accepted drop of the validation metric, in points.")] = 1.0,
+    target: Annotated[str, typer.Option(help="Target profile for the operator-support table.")] = "onnxruntime-cpu",
+    workers: Annotated[int, typer.Option(help="Worker processes that evaluate candidates.")] = 2,
+    threads: Annotated[int, typer.Option(help="Intra-op threads for latency measurements.")] = 1,
+    preset: Preset = "raw",
+    force: Force = False,
+) -> None:
+    """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, fastest wins."""
+    import edgeq
+    from edgeq.auto import auto as run_auto
+    from edgeq.executor import LocalPool
+    from edgeq.auto import print_auto
+
+    with LocalPool(workers) as pool:
+        report = run_auto(model, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
+                          executor=pool, force=force, threads=threads, console=out)
+    print_auto(out, report, output)
 
 
 @app.command()

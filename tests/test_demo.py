@@ -55,3 +55,18 @@ def test_report_html_is_self_contained_with_a_plot(demo):
     # Nothing is fetched: XML namespace URIs are identifiers, but no src/href/url() may point outside the page.
     for external in ('src="http', "src='http", 'href="http', "href='http", "url(http", "@import", "<link"):
         assert external not in page
+
+
+def test_the_qat_case_is_found_by_measurement_and_recovers_half_the_loss(demo):
+    out, stdout, report = demo
+    case = report["qat"]
+    assert case["setting"] is not None, "one edge setting loses more than 1 point with PTQ"
+    assert case["tried"][-1]["setting"] == case["setting"] and case["tried"][-1]["drop"] > 1.0
+    assert all(t["drop"] <= 1.0 for t in case["tried"][:-1]), "the mildest setting that breaks is taken"
+    names = [m["name"] for m in report["models"]]
+    assert f"{case['setting']}-ptq" in names and f"{case['setting']}-qat" in names
+    assert case["ptq_drop"] > 1.0 and case["verdict_before"] != "ship"
+    assert case["recovered_fraction"] >= 0.5, "QAT recovers at least half of what PTQ lost, on held-out digits"
+    assert f"QAT case ({case['setting']})" in stdout
+    page = (out / "report.html").read_text()
+    assert f"{case['setting']}-qat" in page

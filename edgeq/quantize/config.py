@@ -54,6 +54,7 @@ class Int8Static:
     """Static INT8 in QDQ format: int8 symmetric weights (per channel by default), activation ranges calibrated.
 
     activation_type "uint8" (asymmetric) is the fast path on x86 (VNNI u8×s8); "int8" suits NPUs that want it.
+    method: minmax, percentile, entropy, mse, or auto (the observer with the best output fidelity on held-back data).
 
     >>> cfg = Int8Static(method="minmax")
     >>> cfg.per_channel, cfg.activation_type
@@ -70,6 +71,51 @@ class Int8Static:
     exclude_nodes: tuple[str, ...] = ()
     batch_size: int = 16
     max_samples: int | None = None
+    # 4 gives W4A8: int4 symmetric weights (ONNX Runtime's range [-8, 7], opset 21), 8-bit activations; for edge
+    # targets whose kernels take 4-bit weights. QAT (edgeq.qat) takes the same field.
+    weight_bits: int = 8
+    # Accuracy repairs (edgeq.quantize.repair; measured in bench/repair.py). method "auto" tries every observer and
+    # keeps the one with the best output SQNR vs FP32 on held-back calibration batches.
+    weight_range: str = "minmax"          # "mse": per-channel weight clipping that minimises the quantization error
+    bias_correction: bool = False         # shift Conv/Gemm biases by their mean output error on calibration data
+    equalize: bool = False                # cross-layer equalization of consecutive Conv/Gemm layers (depthwise too)
+    smoothquant: float | None = None      # migration strength alpha (e.g. 0.5) for MatMul/Gemm activation outliers
 
     precision = "int8"
     mode = "static"
+
+
+@dataclass(frozen=True)
+class Int4WeightOnly:
+    """INT4 weights in blocks of `block_size` along the reduction axis (a scale per block, and a zero point when
+    asymmetric); activations stay float. `algorithm` "rtn" rounds to nearest; "gptq" needs calibration data and
+    compensates each column's rounding error with the inputs' Hessian.
+
+    `format` "nbits" writes ONNX Runtime's MatMulNBits (the fast CPU path, measured); "qdq" writes standard blocked
+    DequantizeLinear (int4, opset 21) → MatMul. `accuracy_level` 4 lets MatMulNBits multiply with int8 activations
+    (VNNI); 0 computes in float32. Layers kept at INT8: `int8_layers` by name, `int8_first_last`, and the
+    `int8_auto` most sensitive ones (relative output error of INT4 on the calibration data).
+
+    >>> cfg = Int4WeightOnly(block_size=64, algorithm="gptq")
+    >>> cfg.precision, cfg.mode, cfg.symmetric
+    ('int4', 'weight-only', True)
+    """
+
+    block_size: int = 32
+    symmetric: bool = True
+    algorithm: str = "rtn"
+    format: str = "nbits"
+    accuracy_level: int = 4
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    embeddings: bool = False
+    exclude_nodes: tuple[str, ...] = ()
+    int8_layers: tuple[str, ...] = ()
+    int8_first_last: bool = False
+    int8_auto: int = 0
+    damp: float = 0.01
+    batch_size: int = 16
+    max_samples: int | None = None
+    threads: int = 2
+
+    precision = "int4"
+    mode = "weight-only"

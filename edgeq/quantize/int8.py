@@ -8,15 +8,19 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from edgeq.calibrate import Calibration, calibrate
+from edgeq.calibrate import (HOLDOUT_MAX, METHODS, Calibration, Observed, check_method, folded_activations, observe,
+                             quantized_tensors, to_calibration)
 from edgeq.data import Dataset
 from edgeq.errors import ConfigError, DataError
 from edgeq.model import Model
 from edgeq.quantize.config import Int8Dynamic, Int8Static
 from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare
+from edgeq.quantize.repair import correct_bias
 from edgeq.quantize.summary import QuantSummary, summarize
 
 ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_BITS = (8, 4)
+INT4_OPSET = 21  # int4 QuantizeLinear/DequantizeLinear are standard ONNX from opset 21
 
 
 def _quiet_ort_logging() -> None:
@@ -73,6 +77,17 @@ def _measured_slowdown(before: Model, after: Model, runs: int = 10) -> str:
     return f"measured {dynamic / fp32:.1f}× the FP32 latency ({dynamic:.2f} ms vs {fp32:.2f} ms, batch 1, 1 thread)"
 
 
+def _int4_opset(prepared: Model, notes: list[str]) -> Model:
+    """W4A8 needs opset 21 for standard int4 DequantizeLinear; when the upgrade fails ONNX Runtime falls back to its
+    com.microsoft Q/DQ, which its CPU provider also runs."""
+    from edgeq.quantize.prepare import upgrade_opset
+
+    proto, note = upgrade_opset(prepared.proto, INT4_OPSET)
+    if note:
+        notes.append(note.replace("per-channel quantization", "int4 weights").replace("weights per tensor", "com.microsoft Q/DQ"))
+    return Model(proto, prepared.path)
+
+
 def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[Model, QuantSummary, Calibration]:
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -82,24 +97,137 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         raise ConfigError(f"unknown activation type {config.activation_type!r}", f"use one of: {', '.join(ACTIVATION_TYPES)}")
     if calib is None:
         raise DataError("static INT8 needs calibration data", "pass --calib DATA (a few hundred representative samples)")
+    if config.weight_bits not in WEIGHT_BITS:
+        raise ConfigError(f"static quantization takes weight_bits 8 or 4, not {config.weight_bits!r}", "use 8 (INT8) or 4 (W4A8)")
     _quiet_ort_logging()
     prepared, notes = prepare(model, per_channel=config.per_channel)
+    if config.weight_bits == 4:
+        prepared = _int4_opset(prepared, notes)
     per_channel = config.per_channel and prepared.opset >= PER_CHANNEL_OPSET
-    cal = calibrate(prepared, calib, method=config.method, percentile=config.percentile,
-                    batch_size=config.batch_size, max_samples=config.max_samples, symmetric=config.activation_type == "int8")
-    ranges = TensorsData(CalibrationMethod.MinMax, {
-        name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in cal.ranges.items()
-    })
+    if config.method != "auto":
+        check_method(config.method, config.percentile)
+    repairs = _float_repairs(prepared, config, calib, per_channel)
+    symmetric = config.activation_type == "int8"
+    auto = config.method == "auto"
+    seen = observe(prepared, calib, quantized_tensors(prepared.proto, config.op_types, tuple(config.exclude_nodes)), histogram=config.method != "minmax",
+                   batch_size=config.batch_size,
+                   max_samples=config.max_samples, holdout=auto)
     activation = QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8
-    options = {"ActivationSymmetric": config.activation_type == "int8", "WeightSymmetric": True,
-               "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
-    quantizer = QDQQuantizer(prepared.proto, per_channel, False, QuantType.QInt8, activation, ranges, [],
-                             list(config.exclude_nodes), list(config.op_types), options)
-    quantizer.quantize_model()
-    quantizer.model.topological_sort()
-    result = Model(quantizer.model.model, model.path)
+    weight = QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8
+
+    folded = folded_activations(prepared.proto, config.op_types, tuple(config.exclude_nodes))
+
+    def qdq(ranges: dict[str, tuple]) -> Model:
+        ranges = dict(ranges)
+        for pre, post in folded.items():  # never observed: the quantizer folds them into the activation's output
+            if pre not in ranges and post in ranges:
+                ranges[pre] = ranges[post]
+        data = TensorsData(CalibrationMethod.MinMax, {
+            name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()})
+        options = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
+        source = onnx.ModelProto()
+        source.CopyFrom(prepared.proto)  # the quantizer rewrites the graph it is given; auto quantizes several times
+        quantizer = QDQQuantizer(source, per_channel, False, weight, activation, data, [],
+                                 list(config.exclude_nodes), list(config.op_types), options)
+        quantizer.quantize_model()
+        quantizer.model.topological_sort()
+        return Model(quantizer.model.model, model.path)
+
+    method, scores = config.method, None
+    if auto:
+        method, scores, held_note = _choose_method(prepared, calib, config, seen, qdq)
+        notes.append(held_note)
+    cal = to_calibration(seen, method, percentile=config.percentile, symmetric=symmetric)
+    result = qdq(cal.ranges)
+    if config.bias_correction:
+        repairs["bias_correction"] = correct_bias(prepared, result, calib, batch_size=config.batch_size,
+                                                  max_samples=min(config.max_samples or 512, 512))
     summary = summarize(prepared.proto, result.proto, config.op_types, notes, precision="int8", mode="static")
-    summary.calibration = {"method": cal.method, "samples": cal.samples,
-                           "percentile": config.percentile if cal.method == "percentile" else None}
+    summary.calibration = {"method": method, "samples": cal.samples,
+                           "percentile": config.percentile if method == "percentile" else None}
+    if auto:
+        summary.calibration.update(requested="auto", chosen=method, output_sqnr_db=scores,
+                                   holdout_samples=sum(b.size for b in seen.holdout) or None)
+        summary.notes.append(f"--method auto chose {method}: output SQNR vs FP32 on held-back calibration data "
+                             + ", ".join(f"{m} {v:.1f} dB" for m, v in scores.items()))
+    if repairs:
+        summary.calibration["repairs"] = repairs
+        summary.notes.extend(_repair_notes(repairs))
     summary.warnings.extend(cal.warnings)
     return result, summary, cal
+
+
+def _float_repairs(prepared: Model, config: Int8Static, calib: Dataset, per_channel: bool) -> dict:
+    """Repairs on the FP32 graph before calibration (each leaves FP32 outputs unchanged, or only clips weights to
+    the range the quantizer would use): equalization, SmoothQuant, weight range setting. In place."""
+    from edgeq.quantize.repair import clip_weights, equalize, smooth
+    from edgeq.quantize.repair.smoothquant import smoothable
+
+    done: dict = {}
+    if config.equalize:
+        done["equalize_pairs"] = equalize(prepared.proto)
+    if config.smoothquant is not None:
+        if not 0.0 < config.smoothquant < 1.0:
+            raise ConfigError(f"smoothquant alpha {config.smoothquant} is out of range", "give a migration strength in (0, 1), e.g. 0.5")
+        groups = smoothable(prepared.proto, tuple(config.exclude_nodes))
+        absmax = {}
+        if groups:
+            seen = observe(prepared, calib, list(groups), histogram=False, channel_axis=-1, batch_size=config.batch_size,
+                           max_samples=config.max_samples)
+            absmax = {name: np.maximum(np.abs(lo), np.abs(hi)) for name, (lo, hi) in seen.ranges("minmax").items()}
+        done["smoothquant"] = {"alpha": config.smoothquant, "activations": smooth(prepared.proto, absmax, config.smoothquant)}
+    if config.weight_range == "mse":
+        qmax = 7 if config.weight_bits == 4 else 127
+        done["weight_range"] = {"method": "mse", "weights_clipped": clip_weights(prepared.proto, tuple(config.op_types), per_channel=per_channel,
+                                                                                 exclude=tuple(config.exclude_nodes), qmax=qmax)}
+    elif config.weight_range != "minmax":
+        raise ConfigError(f"unknown weight range method {config.weight_range!r}", "use minmax or mse")
+    return done
+
+
+def _repair_notes(repairs: dict) -> list[str]:
+    notes = []
+    if "equalize_pairs" in repairs:
+        notes.append(f"cross-layer equalization rescaled {repairs['equalize_pairs']} layer pairs (FP32 outputs unchanged)")
+    if "smoothquant" in repairs:
+        sq = repairs["smoothquant"]
+        notes.append(f"SmoothQuant (alpha {sq['alpha']}) moved activation outliers into the weights of {sq['activations']} MatMul/Gemm inputs")
+    if "weight_range" in repairs:
+        notes.append(f"weight range setting (mse) clipped {repairs['weight_range']['weights_clipped']} weights to their error-minimising range")
+    if "bias_correction" in repairs:
+        notes.append(f"bias correction shifted the biases of {repairs['bias_correction']} layers by their mean output error on calibration data")
+    return notes
+
+
+def _choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Observed, qdq) -> tuple[str, dict[str, float], str]:
+    """Quantize with every observer's ranges and keep the one whose final outputs are closest to FP32 (SQNR) on the
+    held-back calibration batches (never used for the ranges)."""
+    from edgeq.data import batches
+
+    held = seen.holdout
+    note = f"--method auto: output fidelity measured on {sum(b.size for b in held)} held-back calibration samples"
+    if not held:  # fewer than 5 batches: no batch was held back, measure on the first calibration samples instead
+        held = list(batches(calib, prepared.inputs, config.batch_size, max_samples=HOLDOUT_MAX))
+        note = (f"--method auto: the calibration data has too few batches to hold some back; output fidelity measured on "
+                f"{sum(b.size for b in held)} calibration samples")
+    reference = prepared.session(threads=0)
+    names = [o.name for o in reference.get_outputs()]
+    expected = [reference.run(names, b.inputs) for b in held]
+    scores = {}
+    for method in METHODS:
+        session = qdq(seen.ranges(method, percentile=config.percentile, symmetric=config.activation_type == "int8")).session(threads=0)
+        got = [session.run(names, b.inputs) for b in held]
+        scores[method] = round(output_sqnr(expected, got), 2)
+    return max(scores, key=lambda m: (scores[m], -METHODS.index(m))), scores, note
+
+
+def output_sqnr(expected: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
+    """Mean over float outputs of 10·log10(Σ ref² / Σ (ref − q)²), in dB (capped at 200 for exact outputs)."""
+    values = []
+    for k in range(len(expected[0])):
+        if expected[0][k].dtype.kind != "f":
+            continue
+        signal = sum(float(np.sum(np.square(e[k], dtype=np.float64))) for e in expected)
+        noise = sum(float(np.sum(np.square(e[k].astype(np.float64) - g[k]))) for e, g in zip(expected, got))
+        values.append(200.0 if noise == 0 else min(200.0, 10 * np.log10(max(signal, 1e-300) / noise)))
+    return float(np.mean(values)) if values else 0.0

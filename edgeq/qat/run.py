@@ -1,0 +1,148 @@
+"""`edgeq qat`: QAT without writing Python — a model factory named by the user, a weights-only state dict, .npz data.
+
+load (import MODULE, call FACTORY, load_state_dict of a `torch.load(weights_only=True)` file) → PTQ of the same
+network (measured) → prepare → finetune (early stop on a split of the training data) → export → validate FP32, PTQ
+and QAT on the validation data → the verdicts before and after.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq.errors import ConfigError, DataError, ModelError
+
+CALIB_SAMPLES = 512
+EARLY_STOP_FRACTION = 0.1
+
+
+@dataclass
+class QatOptions:
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 64
+    per_channel: bool = True
+    weight_bits: int = 8
+    learn_scales: bool = False
+    task: str | None = None
+    weight_storage: str = "int4"
+    seed: int = 0
+
+
+def load_factory(spec: str):
+    """Import MODULE and return FACTORY from 'MODULE:FACTORY' (the current folder is importable, as with `python -m`)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"model {spec!r} is not MODULE:FACTORY", "e.g. mypackage.models:build_net (a function returning the nn.Module)")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {module_name!r}: {exc}", "check the name and that it is on PYTHONPATH (or in the current folder)") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ConfigError(f"module {module_name!r} has no callable {attr!r}", "name a function or class that builds the model with no arguments")
+    return factory
+
+
+def load_model(spec: str, weights: Path):
+    import torch
+    from torch import nn
+
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ConfigError(f"{spec}() failed: {type(exc).__name__}: {exc}", "the factory must build the model with no arguments") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module", "return the model object")
+    if not Path(weights).is_file():
+        raise ModelError(f"weights file not found: {weights}", "pass the state dict saved with torch.save(model.state_dict(), PATH)")
+    try:
+        state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot read weights {weights} as a weights-only state dict ({first})",
+                         "save it with torch.save(model.state_dict(), PATH); pickled modules are refused") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{weights} is not a state dict of tensors", "save it with torch.save(model.state_dict(), PATH)")
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise ModelError(f"the weights in {weights} do not fit {spec}(): {' '.join(str(exc).split())[:200]}",
+                         "use the factory the weights were trained with") from None
+    return model.eval()
+
+
+def _arrays(data, what: str) -> tuple[str, np.ndarray, np.ndarray]:
+    chunks = list(data.chunks())
+    if not chunks:
+        raise DataError(f"{what} is empty", "give labelled samples")
+    keys = list(chunks[0].inputs)
+    if len(keys) != 1:
+        raise ConfigError(f"`edgeq qat` supports models with one input; {what} has {len(keys)} arrays ({', '.join(keys)})", "give one input array plus labels")
+    if any(c.labels is None for c in chunks):
+        raise DataError(f"{what} has no labels", "add a `labels` array (class ids or regression targets)")
+    x = np.concatenate([np.asarray(c.inputs[keys[0]]) for c in chunks]).astype(np.float32)
+    y = np.concatenate([np.asarray(c.labels) for c in chunks])
+    if not np.isfinite(x).all():
+        raise DataError(f"{what} holds NaN/Inf", "clean the data")
+    return keys[0], x, y
+
+
+def run_qat(spec: str, weights: Path, train, val, output: Path, options: QatOptions, *, force: bool = False) -> dict:
+    """Everything `edgeq qat` does; returns the figures it prints."""
+    import edgeq
+    from edgeq import qat
+    from edgeq.decide import DecisionRule
+    from edgeq.evaluate import compare, validate
+    from edgeq.qat.prepare import export_float
+
+    model = load_model(spec, weights)
+    name, x, y = _arrays(train, "training data")
+    _, vx, vy = _arrays(val, "validation data")
+    task = options.task or ("classification" if np.issubdtype(y.dtype, np.integer) else "regression")
+    config = edgeq.Int8Static(per_channel=options.per_channel, weight_bits=options.weight_bits)
+    rng = np.random.default_rng(options.seed)
+    order = rng.permutation(len(x))
+    n_stop = max(1, int(len(x) * EARLY_STOP_FRACTION)) if len(x) >= 20 else 0
+    stop_idx, train_idx = order[:n_stop], order[n_stop:]
+    prepared = qat.prepare(model, config, calib=x[train_idx][:CALIB_SAMPLES], input_name=name,
+                           learn_scales=options.learn_scales)
+    state = prepared.edgeq_qat
+    val_set = edgeq.Dataset.from_arrays({name: vx}, labels=vy, description="validation data")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = export_float(state.template, name, state.output_names, x[:1]).save(Path(tmp) / "fp32.onnx")
+        base = validate(fp32_path, val_set).to_dict()
+        ptq = validate(state.ptq, val_set).to_dict()
+    early = (x[stop_idx], y[stop_idx]) if n_stop else None
+    history = qat.finetune(prepared, (x[train_idx], y[train_idx]), early, task=task, epochs=options.epochs, lr=options.lr,
+                           batch_size=options.batch_size, seed=options.seed)
+    written = qat.export(prepared, output, force=force, weight_storage=options.weight_storage)
+    qat_record = validate(written, val_set).to_dict()
+    rule = DecisionRule()
+    before, after = compare(base, ptq, rule).to_dict(), compare(base, qat_record, rule).to_dict()
+    return {"output": str(written), "task": task, "metric": base["metric"], "fp32": base["value"], "ptq": ptq["value"],
+            "qat": qat_record["value"], "ptq_drop": before["drop"], "qat_drop": after["drop"], "verdict_before": before["verdict"],
+            "verdict_after": after["verdict"], "reasons_after": after["reasons"], "finetune": history.to_dict(),
+            "config": {"per_channel": options.per_channel, "weight_bits": options.weight_bits, "learn_scales": options.learn_scales}}
+
+
+def print_qat(console: Any, result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"QAT: {result['metric']} on the validation data")
+    for col in ("model", result["metric"], "drop vs FP32", "verdict"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_row("fp32", f"{result['fp32']:.2f}", "—", "baseline")
+    table.add_row("ptq", f"{result['ptq']:.2f}", f"{result['ptq_drop']:+.2f}", result["verdict_before"])
+    table.add_row("qat", f"{result['qat']:.2f}", f"{result['qat_drop']:+.2f}", result["verdict_after"])
+    console.print(table)
+    console.print(f"verdict before QAT: {result['verdict_before']}; after QAT: [bold]{result['verdict_after']}[/]")
+    console.print(f"wrote {result['output']}")
