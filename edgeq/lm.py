@@ -12,7 +12,6 @@ Text is split by docstring: held-out docstrings never appear in training.
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -49,19 +48,13 @@ class LMConfig:
 def docstring_texts() -> list[str]:
     """Every module, class and function docstring (of at least 200 characters) in the standard-library modules
     edgeq.zoo draws sentences from, whitespace-normalised, ASCII only, in a fixed order."""
-    from edgeq.zoo import _stdlib_sources
+    from edgeq.zoo import stdlib_docstrings
 
     texts = set()
-    for path in _stdlib_sources():
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = " ".join((ast.get_docstring(node) or "").split())
-                if len(doc) >= 200 and doc.isascii():
-                    texts.add(doc)
+    for raw in stdlib_docstrings():
+        doc = " ".join(raw.split())
+        if len(doc) >= 200 and doc.isascii():
+            texts.add(doc)
     return sorted(texts)
 
 

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,13 @@ def sample_sentences(n: int, seed: int = 0) -> list[str]:
 def _sentence_pool() -> tuple[str, ...]:
     """Prose sentences of 6 to 30 words from module, class and function docstrings, parsed from source (no import)."""
     sentences: set[str] = set()
+    for doc in stdlib_docstrings():
+        sentences.update(_prose(doc))
+    return tuple(sorted(sentences))
+
+
+def stdlib_docstrings() -> Iterator[str]:
+    """Every module, class and function docstring of the stdlib modules in `_stdlib_sources`, parsed (never imported)."""
     for path in _stdlib_sources():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -133,8 +141,7 @@ def _sentence_pool() -> tuple[str, ...]:
             continue
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                sentences.update(_prose(ast.get_docstring(node) or ""))
-    return tuple(sorted(sentences))
+                yield ast.get_docstring(node) or ""
 
 
 def _stdlib_sources() -> list[Path]:
