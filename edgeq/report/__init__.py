@@ -69,6 +69,7 @@ def tradeoff_svg(models: list[dict]) -> str:
     pad = max((high - low) * 0.3, 0.5)
     ax2.set_ylim(low - pad, high + pad)
     ax2.set_title(f"{models[0]['metric']} with 95% interval")
+    plt.setp(ax2.get_xticklabels(), rotation=25, ha="right", fontsize=8)  # long model names must not overlap
     ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     buffer = io.StringIO()
