@@ -134,34 +134,28 @@ class _QuantWeightMixin:
         return self.quant_weight(), self.quant_bias()
 
 
-class QConv(nn.Conv2d, _QuantWeightMixin):
+class _QuantConvMixin(_QuantWeightMixin):
+    """from_float and forward shared by the 1-D and 2-D convolutions; listed first so its forward wins."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d | nn.Conv2d, bits: int, per_channel: bool, learn: bool):
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode)
+        q.load_state_dict(conv.state_dict())
+        q._init_quant(bits, per_channel, learn)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.params()
+        return self._conv_forward(x, weight, bias)
+
+
+class QConv(_QuantConvMixin, nn.Conv2d):
     """Conv2d (BatchNorm already folded in) with fake-quantized weights and bias."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, bits: int, per_channel: bool, learn: bool) -> "QConv":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, conv.bias is not None, conv.padding_mode)
-        q.load_state_dict(conv.state_dict())
-        q._init_quant(bits, per_channel, learn)
-        return q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.params()
-        return self._conv_forward(x, weight, bias)
-
-
-class QConv1d(nn.Conv1d, _QuantWeightMixin):
-    @classmethod
-    def from_float(cls, conv: nn.Conv1d, bits: int, per_channel: bool, learn: bool) -> "QConv1d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, conv.bias is not None, conv.padding_mode)
-        q.load_state_dict(conv.state_dict())
-        q._init_quant(bits, per_channel, learn)
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.params()
-        return self._conv_forward(x, weight, bias)
+class QConv1d(_QuantConvMixin, nn.Conv1d):
+    """Conv1d (BatchNorm already folded in) with fake-quantized weights and bias."""
 
 
 class QLinear(nn.Linear, _QuantWeightMixin):
