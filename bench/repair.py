@@ -57,24 +57,9 @@ def build_mobilenet():
 
 
 def train(model, split, epochs: int = 15, seed: int = 0, lr: float = 3e-3):
-    import torch
-    from torch import nn
+    from edgeq.demo import train_classifier
 
-    torch.manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs)
-    x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 64):
-            idx = order[start:start + 64]
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimiser.step()
-        schedule.step()
-    return model.eval()
+    return train_classifier(model, split, epochs=epochs, seed=seed, lr=lr, cosine=True)
 
 
 def inject_outlier_channels(model, scale: float = OUTLIER_SCALE, per_layer: int = 2, blocks: int = 3):

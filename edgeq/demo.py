@@ -53,18 +53,26 @@ def build_cnn():
 
 
 def train_cnn(split: DigitsSplit, epochs: int = 8, seed: int = 0, lr: float = 1e-3):
-    """Seeded Adam training with a progress bar; returns the model in eval mode."""
+    """Seeded initialisation and training with a progress bar; returns the model in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    return train_classifier(build_cnn(), split, epochs=epochs, seed=seed, lr=lr, description="training the digits CNN")
+
+
+def train_classifier(model, split: DigitsSplit, *, epochs: int, seed: int = 0, lr: float = 1e-3, cosine: bool = False,
+                     description: str = "training"):
+    """Seeded Adam with cross-entropy in batches of 64 (optionally a cosine schedule); returns the model in eval mode."""
     import torch
     from torch import nn
 
     from edgeq.progress import track
 
-    torch.manual_seed(seed)
-    model = build_cnn()
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs) if cosine else None
     x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
     generator = torch.Generator().manual_seed(seed)
-    for _ in track(range(epochs), "training the digits CNN", total=epochs):
+    for _ in track(range(epochs), description, total=epochs):
         model.train()
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), 64):
@@ -72,6 +80,8 @@ def train_cnn(split: DigitsSplit, epochs: int = 8, seed: int = 0, lr: float = 1e
             optimiser.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             optimiser.step()
+        if schedule is not None:
+            schedule.step()
     return model.eval()
 
 
