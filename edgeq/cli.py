@@ -83,7 +83,7 @@ def quantize(
     weight_range: Annotated[WeightRange, typer.Option(help="Static INT8 weight ranges: minmax, or mse (clipping that minimises the error).")] = WeightRange.minmax,
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Static INT8: correct each layer's bias for its mean quantization error.")] = False,
     equalize: Annotated[bool, typer.Option("--equalize", help="Static INT8: cross-layer equalization of consecutive conv/linear layers.")] = False,
-    smoothquant: Annotated[Optional[float], typer.Option(help="Static INT8: SmoothQuant migration strength alpha (e.g. 0.5) for MatMul/Gemm inputs.")] = None,
+    smoothquant: Annotated[Optional[str], typer.Option(help="Static INT8: SmoothQuant for MatMul/Gemm inputs: migration strength alpha (e.g. 0.5), or auto (per layer).")] = None,
     block_size: Annotated[int, typer.Option(help="INT4: weights per block along the reduction axis (16, 32, 64, 128).")] = 32,
     algorithm: Annotated[Algorithm, typer.Option(help="INT4: rtn (round to nearest) or gptq (needs --calib).")] = Algorithm.rtn,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="INT4: symmetric blocks, or a zero point per block.")] = True,
@@ -125,7 +125,7 @@ def quantize(
         config = cfg.Int8Static(method=method.value, percentile=percentile, per_channel=per_channel,
                                 activation_type=activation_type.value, op_types=ops or cfg.STATIC_OP_TYPES,
                                 exclude_nodes=tuple(exclude or ()), max_samples=max_samples, weight_range=weight_range.value,
-                                bias_correction=bias_correction, equalize=equalize, smoothquant=smoothquant)
+                                bias_correction=bias_correction, equalize=equalize, smoothquant=_smoothquant_alpha(smoothquant))
         data = edgeq.open_data(calib, preset)
     result = edgeq.quantize(source, config, calib=data)
     result.save(output, force=force)
@@ -222,6 +222,15 @@ def compare(
     print_comparison(out, comparison)
     if json_out:
         atomic.write_json(json_out, comparison.to_dict())
+
+
+def _smoothquant_alpha(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--smoothquant {text!r} is neither a number nor auto", "give an alpha in (0, 1), e.g. 0.5, or auto") from None
 
 
 @app.command()

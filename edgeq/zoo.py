@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import sysconfig
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,9 +133,10 @@ def _sentence_pool() -> tuple[str, ...]:
     return tuple(sorted(sentences))
 
 
-def stdlib_docstrings() -> Iterator[str]:
-    """Every module, class and function docstring of the stdlib modules in `_stdlib_sources`, parsed (never imported)."""
-    for path in _stdlib_sources():
+def stdlib_docstrings(whole: bool = False) -> Iterator[str]:
+    """Every module, class and function docstring of the stdlib modules in `_SENTENCE_MODULES` (or, `whole`, of the
+    whole standard library but its tests and GUI code: about 3x more text), parsed from source, never imported."""
+    for path in _whole_stdlib_sources() if whole else _stdlib_sources():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (OSError, SyntaxError, UnicodeDecodeError):
@@ -153,6 +155,12 @@ def _stdlib_sources() -> list[Path]:
         origin = Path(spec.origin)
         paths.extend(sorted(origin.parent.glob("*.py")) if origin.name == "__init__.py" else [origin])
     return paths
+
+
+def _whole_stdlib_sources() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"test", "tests", "site-packages", "idlelib", "lib2to3", "tkinter", "turtledemo"}
+    return [p for p in sorted(root.rglob("*.py")) if not skipped & set(p.relative_to(root).parts)]
 
 
 def _prose(docstring: str) -> list[str]:

@@ -14,7 +14,8 @@ from edgeq import lm
 from edgeq.evaluate import compare, validate, window_nll
 
 # Smaller than the bench's LM (lm.LMConfig()) so that the whole file stays within a minute on 2 cores.
-TEST_LM = lm.LMConfig(d_model=64, heads=2, layers=2, d_ff=256, context=64, steps=120, batch=8, lr=5e-3)
+TEST_LM = lm.LMConfig(d_model=64, heads=2, layers=2, d_ff=256, context=64, steps=120, batch=8, lr=5e-3,
+                       corpus="modules")
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +30,11 @@ def _heldout(paths, n=96):
 
 
 def test_text_split_is_disjoint_and_stable():
-    train, held = lm.split_texts()
+    train, held = lm.split_texts(corpus="modules")
     assert len(held) > 20_000 and len(train) > 5 * len(held)
     held_docs = set(held.decode().split("\n"))
     assert not held_docs & set(train.decode().split("\n"))
-    assert lm.split_texts() == (train, held)
+    assert lm.split_texts(corpus="modules") == (train, held)
 
 
 def test_window_nll_matches_a_direct_computation():

@@ -10,6 +10,8 @@ from edgeq.model import Model, make_session
 from edgeq.quantize.int8 import output_sqnr
 from edgeq.quantize.prepare import prepare
 from edgeq.quantize.repair import clip_weights, equalize, smooth
+from edgeq.quantize.repair import smoothquant as sq
+from edgeq.quantize.repair.smoothquant import sample_rows
 from edgeq.quantize.repair.weight_range import best_clip
 
 
@@ -119,10 +121,45 @@ def test_smoothquant_keeps_fp32_outputs_and_helps_int8():
     calib = edgeq.Dataset.from_arrays({"x": rng.normal(size=(128, 5, 32)).astype(np.float32)})
     reference = _run(model, x)
     scores = {}
-    for alpha in (None, 0.5):
+    for alpha in (None, 0.5, "auto"):
         q = edgeq.quantize(Model(model, None), edgeq.Int8Static(method="minmax", smoothquant=alpha), calib=calib)
         scores[alpha] = output_sqnr([[reference]], [[_run(q.proto, x)]])
     assert scores[0.5] > scores[None] + 3.0, scores
+    assert scores["auto"] >= scores[0.5] - 0.5, scores  # the per-layer search finds an alpha at least as good
+    assert "h" in q.summary.calibration["repairs"]["smoothquant"]["alphas"]
+
+
+@pytest.mark.parametrize("shift, per_channel", [(0.0, True), (0.0, False), (50.0, True)])
+def test_smoothquant_auto_picks_the_grid_alpha_with_least_simulated_error(shift, per_channel):
+    model = matmul_model()
+    next(t for t in model.graph.initializer if t.name == "shift").CopyFrom(
+        numpy_helper.from_array(np.full(32, shift, np.float32) * (np.arange(32) == 3), "shift"))
+    rows = np.random.default_rng(4).normal(size=(512, 32)) + _weight(model, "shift")
+    low, high = rows.min(axis=0), rows.max(axis=0)
+    w = _weight(model, "w1").astype(np.float64)
+
+    def brute_force_error(s):
+        xq = sq._fake_quant_activation(rows / s, low / s, high / s, False)
+        return float((((xq @ sq._fake_quant_weight(w * s[:, None], per_channel)) - rows @ w) ** 2).sum())
+
+    absmax = np.maximum(np.abs(low), np.abs(high))
+    errors = {a: brute_force_error(sq.smoothing_scales(absmax, np.abs(w).max(axis=1), a)) for a in sq.ALPHA_GRID}
+    errors[None] = brute_force_error(np.ones(32))
+    expected = min(errors, key=errors.get)
+    chosen = sq.choose_alphas(model, {"h": rows}, {"h": (low, high)}, symmetric_activations=False, per_channel=per_channel)
+    assert chosen.get("h") == expected, errors
+
+
+def test_sample_rows_keeps_every_row_when_there_are_few_and_a_bounded_uniform_sample_otherwise():
+    model = Model(matmul_model(), None)
+    x = np.random.default_rng(5).normal(size=(40, 5, 32)).astype(np.float32)
+    few = sample_rows(model, edgeq.Dataset.from_arrays({"x": x}), ["h"], rows=1000, batch_size=8)["h"]
+    np.testing.assert_allclose(few, (x + _weight(model.proto, "shift")).reshape(-1, 32), rtol=1e-6)
+    some = sample_rows(model, edgeq.Dataset.from_arrays({"x": x}), ["h"], rows=50, batch_size=8)["h"]
+    assert some.shape == (50, 32)
+    first_half = (x[:20] + _weight(model.proto, "shift")).reshape(-1, 32)
+    from_first_half = sum(bool((np.abs(first_half - row).max(axis=1) < 1e-5).any()) for row in some)
+    assert 10 <= from_first_half <= 40  # both halves of the stream are represented (expected 25)
 
 
 def test_best_clip_matches_brute_force_and_clip_weights_reduces_error():
@@ -165,6 +202,44 @@ def test_bias_correction_reduces_the_mean_output_error():
     corrected = quantized(bias_correction=True)
     # bias correction removes the systematic part of the error: the mean error per logit shrinks
     assert np.abs((corrected - reference).mean(axis=0)).mean() < 0.5 * np.abs((plain - reference).mean(axis=0)).mean()
+
+
+def linear_model(seed: int = 0) -> onnx.ModelProto:
+    """x → MatMul W1 → Add b1 → Relu → MatMul W2 → Add b2: transformer linear layers, bias as a separate Add; W1
+    has one outlier weight so that a per-tensor weight scale rounds most of it coarsely."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.2, (32, 64))
+    w1[0, 0] = 12.0
+    inits = {"w1": w1, "b1": rng.normal(0, 0.1, 64), "w2": rng.normal(0, 0.2, (64, 8)), "b2": rng.normal(0, 0.1, 8)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu"),
+             helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "b2"], ["y"], name="add2")]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_bias_correction_shifts_the_float_bias_after_a_matmul():
+    model = Model(linear_model(), None)
+    rng = np.random.default_rng(6)
+    calib = edgeq.Dataset.from_arrays({"x": (rng.normal(size=(256, 5, 32)) + 0.5).astype(np.float32)})
+    x = (rng.normal(size=(128, 5, 32)) + 0.5).astype(np.float32)
+    reference = _run(model.proto, x)
+
+    def quantized(**repairs):
+        q = edgeq.quantize(model, edgeq.Int8Static(method="minmax", per_channel=False, **repairs), calib=calib)
+        return q, _run(q.proto, x)
+
+    _, plain = quantized()
+    q, corrected = quantized(bias_correction=True)
+    assert q.summary.calibration["repairs"]["bias_correction"] == 2  # both MatMul+Add layers
+    mean_error = lambda got: np.abs((got - reference).reshape(-1, 8).mean(axis=0)).mean()  # noqa: E731
+    assert mean_error(corrected) < 0.5 * mean_error(plain)
 
 
 def test_method_auto_keeps_the_best_observer_and_reports_it(conv_model_path, conv_data):

@@ -25,11 +25,13 @@ def test_smoothquant_keeps_minilm_embeddings_closer_to_fp32(minilm_path):
     fp32 = edgeq.load(minilm_path)
     reference = np.concatenate([fp32.session(threads=2).run(["sentence_embedding"], b)[0] for b in batches])
     cos = {}
-    for alpha in (None, 0.5):
-        config = edgeq.Int8Static(method="minmax", activation_type="int8", smoothquant=alpha)
-        q = edgeq.quantize(fp32, config, calib=calib)
+    for alpha in (None, 0.5, "auto"):
+        q = edgeq.quantize(fp32, edgeq.Int8Static(smoothquant=alpha), calib=calib)
         cos[alpha] = _cosines(q, batches, reference)
         if alpha:
             assert q.summary.calibration["repairs"]["smoothquant"]["activations"] >= 12  # QKV and FFN inputs × 6 layers
-    # measured in bench/repair.py: +0.002 to +0.003 mean cosine in three recipes (the minimum can drop)
-    assert cos[0.5].mean() > cos[None].mean(), {k: float(v.mean()) for k, v in cos.items()}
+    print({k: (round(float(v.mean()), 4), round(float(v.min()), 4)) for k, v in cos.items()})
+    # measured in bench/repair.py on 128 sentences: a fixed alpha raises the mean a little, per-layer alphas raise
+    # both the mean and the worst sentence
+    assert cos[0.5].mean() > cos[None].mean()
+    assert cos["auto"].mean() > cos[0.5].mean() and cos["auto"].min() > cos[None].min()

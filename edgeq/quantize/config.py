@@ -77,9 +77,9 @@ class Int8Static:
     # Accuracy repairs (edgeq.quantize.repair; measured in bench/repair.py). method "auto" tries every observer and
     # keeps the one with the best output SQNR vs FP32 on held-back calibration batches.
     weight_range: str = "minmax"          # "mse": per-channel weight clipping that minimises the quantization error
-    bias_correction: bool = False         # shift Conv/Gemm biases by their mean output error on calibration data
+    bias_correction: bool = False         # shift Conv/Gemm and MatMul+Add biases by their mean output error on calibration data
     equalize: bool = False                # cross-layer equalization of consecutive Conv/Gemm layers (depthwise too)
-    smoothquant: float | None = None      # migration strength alpha (e.g. 0.5) for MatMul/Gemm activation outliers
+    smoothquant: float | str | None = None  # alpha (e.g. 0.5) for MatMul/Gemm activation outliers, or "auto" per layer
 
     precision = "int8"
     mode = "static"

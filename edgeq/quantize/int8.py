@@ -3,6 +3,7 @@ quantize, the preparation of the graph and the activation ranges are edgeq's."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 import numpy as np
@@ -109,6 +110,7 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     repairs = _float_repairs(prepared, config, calib, per_channel)
     symmetric = config.activation_type == "int8"
     auto = config.method == "auto"
+    started = time.perf_counter()
     seen = observe(prepared, calib, quantized_tensors(prepared.proto, config.op_types, tuple(config.exclude_nodes)), histogram=config.method != "minmax",
                    batch_size=config.batch_size,
                    max_samples=config.max_samples, holdout=auto)
@@ -138,12 +140,13 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         method, scores, held_note = _choose_method(prepared, calib, config, seen, qdq)
         notes.append(held_note)
     cal = to_calibration(seen, method, percentile=config.percentile, symmetric=symmetric)
+    calibration_seconds = time.perf_counter() - started
     result = qdq(cal.ranges)
     if config.bias_correction:
         repairs["bias_correction"] = correct_bias(prepared, result, calib, batch_size=config.batch_size,
                                                   max_samples=min(config.max_samples or 512, 512))
     summary = summarize(prepared.proto, result.proto, config.op_types, notes, precision="int8", mode="static")
-    summary.calibration = {"method": method, "samples": cal.samples,
+    summary.calibration = {"method": method, "samples": cal.samples, "seconds": round(calibration_seconds, 3),
                            "percentile": config.percentile if method == "percentile" else None}
     if auto:
         summary.calibration.update(requested="auto", chosen=method, output_sqnr_db=scores,
@@ -160,22 +163,13 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
 def _float_repairs(prepared: Model, config: Int8Static, calib: Dataset, per_channel: bool) -> dict:
     """Repairs on the FP32 graph before calibration (each leaves FP32 outputs unchanged, or only clips weights to
     the range the quantizer would use): equalization, SmoothQuant, weight range setting. In place."""
-    from edgeq.quantize.repair import clip_weights, equalize, smooth
-    from edgeq.quantize.repair.smoothquant import smoothable
+    from edgeq.quantize.repair import clip_weights, equalize
 
     done: dict = {}
     if config.equalize:
         done["equalize_pairs"] = equalize(prepared.proto)
     if config.smoothquant is not None:
-        if not 0.0 < config.smoothquant < 1.0:
-            raise ConfigError(f"smoothquant alpha {config.smoothquant} is out of range", "give a migration strength in (0, 1), e.g. 0.5")
-        groups = smoothable(prepared.proto, tuple(config.exclude_nodes))
-        absmax = {}
-        if groups:
-            seen = observe(prepared, calib, list(groups), histogram=False, channel_axis=-1, batch_size=config.batch_size,
-                           max_samples=config.max_samples)
-            absmax = {name: np.maximum(np.abs(lo), np.abs(hi)) for name, (lo, hi) in seen.ranges("minmax").items()}
-        done["smoothquant"] = {"alpha": config.smoothquant, "activations": smooth(prepared.proto, absmax, config.smoothquant)}
+        done["smoothquant"] = _smoothquant(prepared, calib, config, per_channel)
     if config.weight_range == "mse":
         qmax = 7 if config.weight_bits == 4 else 127
         done["weight_range"] = {"method": "mse", "weights_clipped": clip_weights(prepared.proto, tuple(config.op_types), per_channel=per_channel,
@@ -185,13 +179,38 @@ def _float_repairs(prepared: Model, config: Int8Static, calib: Dataset, per_chan
     return done
 
 
+def _smoothquant(prepared: Model, calib: Dataset, config: Int8Static, per_channel: bool) -> dict:
+    """SmoothQuant in place with one alpha, or ("auto") the alpha per activation that minimises its group's
+    simulated INT8 output error on a sample of calibration rows."""
+    from edgeq.quantize.repair.smoothquant import choose_alphas, sample_rows, smooth, smoothable
+
+    alpha = config.smoothquant
+    if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+        raise ConfigError(f"smoothquant alpha {alpha!r} is out of range", "give a migration strength in (0, 1), e.g. 0.5, or auto")
+    groups = list(smoothable(prepared.proto, tuple(config.exclude_nodes)))
+    if not groups:
+        return {"alpha": alpha, "activations": 0}
+    seen = observe(prepared, calib, groups, histogram=False, channel_axis=-1, batch_size=config.batch_size,
+                   max_samples=config.max_samples)
+    ranges = seen.ranges("minmax")
+    absmax = {name: np.maximum(np.abs(lo), np.abs(hi)) for name, (lo, hi) in ranges.items()}
+    if alpha == "auto":
+        rows = sample_rows(prepared, calib, groups, batch_size=config.batch_size)
+        alpha = choose_alphas(prepared.proto, rows, ranges, symmetric_activations=config.activation_type == "int8",
+                              per_channel=per_channel)
+        return {"alpha": "auto", "alphas": alpha, "activations": smooth(prepared.proto, absmax, alpha)}
+    return {"alpha": alpha, "activations": smooth(prepared.proto, absmax, alpha)}
+
+
 def _repair_notes(repairs: dict) -> list[str]:
     notes = []
     if "equalize_pairs" in repairs:
         notes.append(f"cross-layer equalization rescaled {repairs['equalize_pairs']} layer pairs (FP32 outputs unchanged)")
     if "smoothquant" in repairs:
         sq = repairs["smoothquant"]
-        notes.append(f"SmoothQuant (alpha {sq['alpha']}) moved activation outliers into the weights of {sq['activations']} MatMul/Gemm inputs")
+        how = (f"alpha per activation, {min(sq['alphas'].values()):.1f}–{max(sq['alphas'].values()):.1f}"
+               if sq["alpha"] == "auto" and sq["alphas"] else f"alpha {sq['alpha']}")
+        notes.append(f"SmoothQuant ({how}) moved activation outliers into the weights of {sq['activations']} MatMul/Gemm inputs")
     if "weight_range" in repairs:
         notes.append(f"weight range setting (mse) clipped {repairs['weight_range']['weights_clipped']} weights to their error-minimising range")
     if "bias_correction" in repairs:
