@@ -172,30 +172,33 @@ def _kl_threshold(hist: np.ndarray, quantized_bins: int, exhaustive: bool = Fals
     tables = (np.concatenate([[0.0], np.cumsum(hist)]), np.concatenate([[0], np.cumsum(hist > 0)]))
     stride = 1 if exhaustive else max(1, len(candidates) // 96)
     coarse = np.unique(np.append(candidates[::stride], used))
-    scores = dict(zip(coarse.tolist(), _kl_scores(hist, quantized_bins, coarse, used, tables).tolist()))
+    scores = dict(zip(coarse.tolist(), _kl_scores(hist, quantized_bins, coarse, tables).tolist()))
     if stride > 1:
         best = min(scores, key=scores.get)
         fine = np.array([t for t in range(max(quantized_bins, best - stride), min(used, best + stride) + 1) if t not in scores])
         if len(fine):
-            scores.update(zip(fine.tolist(), _kl_scores(hist, quantized_bins, fine, used, tables).tolist()))
+            scores.update(zip(fine.tolist(), _kl_scores(hist, quantized_bins, fine, tables).tolist()))
     return min(scores, key=lambda t: (scores[t], t))
 
 
-def _kl_scores(hist: np.ndarray, quantized_bins: int, candidates: np.ndarray, used: int, tables, chunk: int = 256) -> np.ndarray:
-    """KL(P_T || Q_T) for each candidate T, a chunk of candidates × bins at a time."""
+def _kl_scores(hist: np.ndarray, quantized_bins: int, candidates: np.ndarray, tables, chunk: int = 24) -> np.ndarray:
+    """KL(P_T || Q_T) for each candidate T (ascending), a chunk of candidates × bins at a time. Bins at or beyond a
+    chunk's largest T are outside every P_T of the chunk, so a chunk only spans that many bins (half the work of
+    spanning all `used` bins on a uniform grid of candidates)."""
     cumsum, nonzero_cum = tables
     total = cumsum[-1]
     out = np.empty(len(candidates))
     for start in range(0, len(candidates), chunk):
         t = candidates[start:start + chunk, None]                       # (k, 1)
-        b = np.arange(used)[None, :]                                    # (1, used)
+        width = int(t.max())
+        b = np.arange(width)[None, :]                                   # (1, width)
         inside = b < t
         merged = t // quantized_bins
-        group = np.minimum(b // merged, quantized_bins - 1)             # (k, used)
+        group = np.minimum(b // merged, quantized_bins - 1)             # (k, width)
         group_lo = np.arange(quantized_bins)[None, :] * merged          # (k, q)
         group_hi = np.where(np.arange(quantized_bins)[None, :] == quantized_bins - 1, t, group_lo + merged)
         mass = cumsum[group_hi] - cumsum[group_lo]                      # Q's groups hold the unclipped bins only
-        p = np.where(inside, hist[None, :used], 0.0)
+        p = np.where(inside, hist[None, :width], 0.0)
         last = t[:, 0] - 1
         tail = total - cumsum[t[:, 0]]
         p[np.arange(len(t)), last] += tail                              # the clipped tail lands in P's last bin
