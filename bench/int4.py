@@ -1,4 +1,4 @@
-"""INT4 weight-only: edgeq (RTN, GPTQ, mixed INT4/INT8) vs ONNX Runtime's MatMulNBitsQuantizer (RTN, GPTQ, HQQ), in one run.
+"""INT4 weight-only: edgeq (RTN, GPTQ, AWQ, mixed INT4/INT8) vs ONNX Runtime's MatMulNBitsQuantizer (RTN, GPTQ, HQQ), in one run.
 
 Models: the docstring LM that edgeq.lm trains (cached under --cache, keyed by its config) and all-MiniLM-L6-v2
 (exported by edgeq.zoo). Per variant: perplexity on every held-out window with its 95% interval and the paired
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, markdown_table, npz_reader, peak_rss_mb, run_child  # noqa: E402
 
 BLOCK = 32
-VARIANTS = ("int8-dynamic", "edgeq-rtn", "edgeq-rtn-qdq", "edgeq-gptq", "edgeq-gptq-mixed", "ort-rtn", "ort-gptq", "ort-hqq")
+VARIANTS = ("int8-dynamic", "edgeq-rtn", "edgeq-rtn-qdq", "edgeq-gptq", "edgeq-awq", "edgeq-gptq-mixed", "ort-rtn", "ort-gptq", "ort-hqq")
 
 
 def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
@@ -40,11 +40,12 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
             "edgeq-rtn": edgeq.Int4WeightOnly(block_size=BLOCK, embeddings=True),
             "edgeq-rtn-qdq": edgeq.Int4WeightOnly(block_size=BLOCK, format="qdq"),
             "edgeq-gptq": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="gptq", embeddings=True),
+            "edgeq-awq": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="awq", embeddings=True),
             "edgeq-gptq-mixed": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="gptq", embeddings=True, int8_first_last=True,
                                                      int8_auto=2),
         }
         config = configs[variant]
-        data = edgeq.Dataset.from_npz(calib) if getattr(config, "algorithm", "rtn") == "gptq" or getattr(config, "int8_auto", 0) else None
+        data = edgeq.Dataset.from_npz(calib) if getattr(config, "algorithm", "rtn") in ("gptq", "awq") or getattr(config, "int8_auto", 0) else None
         edgeq.quantize(edgeq.load(model), config, calib=data).save(out, force=True)
     else:
         import onnx
@@ -196,7 +197,7 @@ def _goals(rows: list[dict]) -> list[str]:
     out = []
     fp32 = lm["fp32"]
     inc = {k: v["ppl_increase"][0] for k, v in lm.items() if v.get("ppl_increase")}
-    for k in ("edgeq-rtn", "edgeq-gptq"):
+    for k in ("edgeq-rtn", "edgeq-gptq", "edgeq-awq"):
         if k in lm:
             out.append(f"- LM {k}: file {lm[k]['size_mb'] / fp32['size_mb']:.3f}× FP32 (goal ≤ 0.2×)")
     if "edgeq-rtn" in inc and "edgeq-gptq" in inc:
@@ -205,6 +206,8 @@ def _goals(rows: list[dict]) -> list[str]:
         out.append(f"- LM perplexity increase: edgeq GPTQ {inc['edgeq-gptq']:+.2f}% vs RTN {inc['edgeq-rtn']:+.2f}% "
                    f"(goal ≤ half: {'met' if inc['edgeq-gptq'] <= inc['edgeq-rtn'] / 2 else 'not met'})"
                    + (f"; best ONNX Runtime method {best[0]} {best[1]:+.2f}% ({'met' if inc['edgeq-gptq'] <= best[1] else 'not met'})" if best else ""))
+    if "edgeq-rtn" in inc and "edgeq-awq" in inc:
+        out.append(f"- LM perplexity increase: edgeq AWQ {inc['edgeq-awq']:+.2f}% vs RTN {inc['edgeq-rtn']:+.2f}%")
     if "int8-dynamic" in inc:
         out.append(f"- LM INT8 (edgeq dynamic) perplexity increase {inc['int8-dynamic']:+.2f}% (goal ≤ 2%)")
     return out

@@ -89,7 +89,8 @@ class Int8Static:
 class Int4WeightOnly:
     """INT4 weights in blocks of `block_size` along the reduction axis (a scale per block, and a zero point when
     asymmetric); activations stay float. `algorithm` "rtn" rounds to nearest; "gptq" needs calibration data and
-    compensates each column's rounding error with the inputs' Hessian.
+    compensates each column's rounding error with the inputs' Hessian; "awq" needs calibration data and scales
+    each input channel by its mean |activation|^alpha (searched) before rounding, and clips block ranges.
 
     `format` "nbits" writes ONNX Runtime's MatMulNBits (the fast CPU path, measured); "qdq" writes standard blocked
     DequantizeLinear (int4, opset 21) → MatMul. `accuracy_level` 4 lets MatMulNBits multiply with int8 activations

@@ -2,9 +2,10 @@
 
 MatMul/Gemm weights become ONNX Runtime's `MatMulNBits` (com.microsoft), the format its CPU provider runs fastest
 (measured in bench/int4.py against standard blocked DequantizeLinear → MatMul at opset 21); embeddings (Gather) can
-become `GatherBlockQuantized`. Algorithms: `rtn` (round to nearest) and `gptq` (second-order error compensation with
-the Hessian of calibration inputs). Layers can stay at INT8 (MatMulNBits with bits=8): named ones, the first and
-last, or the most sensitive by the relative output error that INT4 gives them on the calibration data.
+become `GatherBlockQuantized`. Algorithms: `rtn` (round to nearest), `gptq` (second-order error compensation with
+the Hessian of calibration inputs) and `awq` (activation-aware per-channel scales and clipping, see awq.py). Layers
+can stay at INT8 (MatMulNBits with bits=8): named ones, the first and last, or the most sensitive by the relative
+output error that INT4 gives them on the calibration data.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.data import Dataset, batches
 from edgeq.errors import ConfigError, DataError
 from edgeq.model import Model
+from edgeq.quantize.awq import quantize_awq
 from edgeq.quantize.config import Int4WeightOnly
 from edgeq.quantize.gptq import hessian, quantize_gptq
 from edgeq.quantize.packing import BLOCK_SIZES, BlockQuant, dq_tensors, nbits_tensors, pack_int4, quantize_rtn
 from edgeq.quantize.summary import QuantSummary
 
-ALGORITHMS = ("rtn", "gptq")
+ALGORITHMS = ("rtn", "gptq", "awq")
 FORMATS = ("nbits", "qdq")
 MS_DOMAIN = "com.microsoft"
 QDQ_INT4_OPSET = 21
@@ -38,6 +40,15 @@ class Target:
     bias: str | None = None
 
 
+@dataclass
+class ActStats:
+    """Calibration statistics of one activation x[..., K]: H = XᵀX / rows (float64) and mean |x| per channel."""
+
+    h: np.ndarray
+    absmean: np.ndarray
+    rows: int
+
+
 def quantize_int4(model: Model, config: Int4WeightOnly, calib: Dataset | None = None) -> tuple[Model, QuantSummary]:
     _check(config, calib)
     proto = onnx.ModelProto()
@@ -45,10 +56,14 @@ def quantize_int4(model: Model, config: Int4WeightOnly, calib: Dataset | None = 
     notes: list[str] = []
     inits = {t.name: t for t in proto.graph.initializer}
     targets, skipped = find_targets(proto, config)
-    needs_data = calib is not None and (config.algorithm == "gptq" or config.int8_auto > 0)
-    hessians, samples = collect_hessians(model, targets, calib, config) if needs_data else ({}, 0)
-    quants = {t.node.name: _quantize(t, config, hessians.get(t.activation)) for t in targets}
-    int8 = choose_int8(targets, quants, hessians, config)
+    needs_data = calib is not None and (config.algorithm in ("gptq", "awq") or config.int8_auto > 0)
+    stats, samples = collect_stats(model, targets, calib, config) if needs_data else ({}, 0)
+    if config.algorithm == "awq":
+        quants, awq_notes = quantize_awq(proto, targets, stats, config)
+        notes.extend(awq_notes)
+    else:
+        quants = {t.node.name: _quantize(t, config, stats.get(t.activation)) for t in targets}
+    int8 = choose_int8(targets, quants, stats, config)
     if int8:
         notes.append(f"kept at INT8: {', '.join(sorted(int8))}")
     for t in targets:
@@ -81,7 +96,7 @@ def quantize_int4(model: Model, config: Int4WeightOnly, calib: Dataset | None = 
     notes.append(f"INT4 {config.algorithm}, block {config.block_size} along K, {'symmetric' if config.symmetric else 'asymmetric'}, "
                  f"{'MatMulNBits' if config.format == 'nbits' else 'DequantizeLinear (opset 21)'}")
     summary = QuantSummary("int4", config.algorithm, dict(sorted(quantized.items())), skipped, notes)
-    if hessians:
+    if stats:
         summary.calibration = {"method": config.algorithm, "samples": samples}
     if not targets:
         summary.warnings.append("no MatMul/Gemm with a constant 2-D weight was found: the model stays FP32")
@@ -95,8 +110,9 @@ def _check(config: Int4WeightOnly, calib: Dataset | None) -> None:
         raise ConfigError(f"unknown INT4 algorithm {config.algorithm!r}", f"use one of: {', '.join(ALGORITHMS)}")
     if config.format not in FORMATS:
         raise ConfigError(f"unknown INT4 format {config.format!r}", f"use one of: {', '.join(FORMATS)}")
-    if config.algorithm == "gptq" and calib is None:
-        raise DataError("GPTQ needs calibration data", "pass --calib DATA (a few hundred sequences), or use --algorithm rtn")
+    if config.algorithm in ("gptq", "awq") and calib is None:
+        raise DataError(f"{config.algorithm.upper()} needs calibration data",
+                        "pass --calib DATA (a few hundred sequences), or use --algorithm rtn")
 
 
 def find_targets(proto: onnx.ModelProto, config: Int4WeightOnly) -> tuple[list[Target], list[dict[str, str]]]:
@@ -135,10 +151,9 @@ def find_targets(proto: onnx.ModelProto, config: Int4WeightOnly) -> tuple[list[T
     return targets, skipped
 
 
-def collect_hessians(model: Model, targets: list[Target], calib: Dataset,
-                     config: Int4WeightOnly) -> tuple[dict[str, tuple[np.ndarray, int]], int]:
-    """H = XᵀX / rows for every distinct activation feeding a target (with its row count), from one streaming pass
-    over `calib`; and the number of samples used."""
+def collect_stats(model: Model, targets: list[Target], calib: Dataset, config: Int4WeightOnly) -> tuple[dict[str, ActStats], int]:
+    """ActStats of every distinct activation feeding a target, from one streaming pass over `calib` (memory K² per
+    activation, whatever the number of samples); and the number of samples used."""
     names = sorted({t.activation for t in targets})
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
@@ -148,6 +163,7 @@ def collect_hessians(model: Model, targets: list[Target], calib: Dataset,
             proto.graph.output.append(helper.make_empty_tensor_value_info(name))
     session = Model(proto, model.path).session(threads=config.threads)
     sums: dict[str, np.ndarray] = {}
+    abs_sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = dict.fromkeys(names, 0)
     seen = 0
     for batch in batches(calib, model.inputs, config.batch_size):
@@ -160,29 +176,31 @@ def collect_hessians(model: Model, targets: list[Target], calib: Dataset,
         for name, x in zip(names, session.run(names, feed)):
             x = np.asarray(x, np.float32)
             sums[name] = sums.get(name, 0) + hessian(x)
+            abs_sums[name] = abs_sums.get(name, 0) + np.abs(x.reshape(-1, x.shape[-1])).sum(axis=0, dtype=np.float64)
             rows[name] += int(x.size // x.shape[-1])
     if not seen:
         raise DataError("the calibration data is empty", "give a few hundred representative samples")
-    return {name: (sums[name] / max(rows[name], 1), rows[name]) for name in names if name in sums}, seen
+    return {name: ActStats(sums[name] / max(rows[name], 1), abs_sums[name] / max(rows[name], 1), rows[name])
+            for name in names if name in sums}, seen
 
 
-def _quantize(t: Target, config: Int4WeightOnly, h: tuple[np.ndarray, int] | None) -> BlockQuant:
-    if config.algorithm == "gptq" and h is not None:
-        return quantize_gptq(t.weight, h[0], config.block_size, 4, config.symmetric, damp=config.damp)
+def _quantize(t: Target, config: Int4WeightOnly, stats: ActStats | None) -> BlockQuant:
+    if config.algorithm == "gptq" and stats is not None:
+        return quantize_gptq(t.weight, stats.h, config.block_size, 4, config.symmetric, damp=config.damp)
     return quantize_rtn(t.weight, config.block_size, 4, config.symmetric)
 
 
-def sensitivity(t: Target, q: BlockQuant, h: tuple[np.ndarray, int] | None) -> float:
+def sensitivity(t: Target, q: BlockQuant, stats: ActStats | None) -> float:
     """Relative output error of a layer: ‖X(Ŵ − W)‖² / ‖XW‖² with the calibration Hessian, ‖Ŵ − W‖² / ‖W‖² without."""
     d = q.dequantize().astype(np.float64) - t.weight
     w = t.weight.astype(np.float64)
-    if h is None:
+    if stats is None:
         return float((d ** 2).sum() / max((w ** 2).sum(), 1e-30))
-    hh = h[0]
+    hh = stats.h
     return float(np.einsum("kn,kj,jn->", d, hh, d) / max(np.einsum("kn,kj,jn->", w, hh, w), 1e-30))
 
 
-def choose_int8(targets: list[Target], quants: dict[str, BlockQuant], hessians: dict, config: Int4WeightOnly) -> set[str]:
+def choose_int8(targets: list[Target], quants: dict[str, BlockQuant], stats: dict[str, ActStats], config: Int4WeightOnly) -> set[str]:
     """Node names kept at INT8: the named ones, first and last (when asked), and the `int8_auto` most sensitive."""
     names = {t.node.name for t in targets}
     unknown = [n for n in config.int8_layers if n not in names]
@@ -193,7 +211,7 @@ def choose_int8(targets: list[Target], quants: dict[str, BlockQuant], hessians: 
     if config.int8_first_last and targets:
         chosen |= {targets[0].node.name, targets[-1].node.name}
     if config.int8_auto:
-        scores = {t.node.name: sensitivity(t, quants[t.node.name], hessians.get(t.activation)) for t in targets}
+        scores = {t.node.name: sensitivity(t, quants[t.node.name], stats.get(t.activation)) for t in targets}
         ranked = sorted((n for n in scores if n not in chosen), key=lambda n: -scores[n])
         chosen |= set(ranked[:config.int8_auto])
     return chosen
