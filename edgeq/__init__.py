@@ -6,7 +6,7 @@
 >>> q.save("model_int8.onnx")                                                          # doctest: +SKIP
 """
 from edgeq.analyze import analyze
-from edgeq.auto import auto
+from edgeq.auto import QatSource, auto
 from edgeq.bench import BenchConfig, benchmark
 from edgeq.data import Dataset, ImagePreset, open_data
 from edgeq.decide import DecisionRule, decide
@@ -19,5 +19,5 @@ from edgeq.quantize.config import Fp16, Int4WeightOnly, Int8Dynamic, Int8Static
 __all__ = ["BenchConfig", "Dataset", "DecisionRule", "Fp16", "ImagePreset", "Int4WeightOnly", "Int8Dynamic", "Int8Static", "Model",
            "QuantizedModel", "TensorSpec", "UserError", "benchmark", "compare", "decide", "load", "open_data", "quantize",
            "validate"]
-__all__ += ["analyze", "auto"]
+__all__ += ["QatSource", "analyze", "auto"]
 __version__ = "0.1.0"

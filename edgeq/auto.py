@@ -2,18 +2,25 @@
 
 INT8 static with the calibration method whose outputs stay closest to FP32 on calibration samples (no validation
 run is spent on that choice; `select="validation"` spends one per method); if its drop exceeds the budget, layers
-ranked by sensitivity go back to float — the fewest that meet the budget, found by a guess from the sensitivity analysis refined by
-bisection on the count (a handful of evaluations, never one per combination). Every candidate is evaluated through
-an executor (a local process pool by default); every candidate's latency is measured and the fastest one that meets
-the budget wins. When nothing does, the verdict says so and recommends QAT or FP16.
+ranked by sensitivity go back to float — the fewest that meet the budget (at most `max_float_layers`), found by a
+guess from the sensitivity analysis refined by bisection on the count (a handful of evaluations, never one per
+combination). The model found is then refined: each calibration method, with and without cross-layer equalization,
+then bias correction, scored by output fidelity on calibration samples; the best recipe costs one more evaluation,
+and of candidates with the same layers in float (the same kernels) the more accurate is kept. When no INT8 or mixed
+model meets the budget, quantization-aware training runs if the PyTorch model was given (`qat=QatSource(...)`), and
+FP16 is evaluated if nothing meets after that; otherwise the verdict gives the QAT command to run. Every candidate is
+evaluated through an executor (a local process pool by default); every candidate's latency is measured and the
+fastest one that meets the budget wins.
 
 >>> result = edgeq.auto("model.onnx", calib="calib.npz", val="val.npz", budget=1.0, output="auto-out")   # doctest: +SKIP
 >>> result["verdict"]["status"], result["evaluations"]                                                  # doctest: +SKIP
-('met', 3)
+('met', 4)
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +30,7 @@ import numpy as np
 
 from edgeq.analyze import analyze
 from edgeq.analyze._qdq import Prepared, prepare_and_calibrate, quantize_qdq
-from edgeq.analyze.sensitivity import eval_inputs, full_int8_fidelity
+from edgeq.analyze.sensitivity import eval_inputs, fidelity, full_int8_fidelity, outputs_of
 from edgeq.data import Dataset, batches, open_data
 from edgeq.errors import ConfigError
 from edgeq.executor import Executor, LocalPool
@@ -32,6 +39,37 @@ from edgeq.quantize.config import Int8Static
 
 METHODS = ("minmax", "percentile", "mse")
 BROKEN_SQNR_DB = 20.0   # a layer that alone drags the output SQNR under this is a first guess for float
+SAME_FUNCTION_RTOL = 1e-3   # the PyTorch model given for QAT must reproduce MODEL's outputs this closely
+
+
+@dataclass(frozen=True)
+class QatSource:
+    """The PyTorch model MODEL was exported from, for the quantization-aware training `auto` runs when no INT8 or
+    mixed model meets the budget (the `edgeq qat` inputs: a factory, a weights-only state dict, labelled data).
+
+    >>> src = QatSource("mynets:build", "weights.pt", "train.npz", epochs=2)
+    >>> src.factory, src.lr
+    ('mynets:build', 0.0001)
+    """
+
+    factory: str                    # MODULE:FACTORY, a function that builds the torch.nn.Module with no arguments
+    weights: str | Path             # its state dict, torch.save(model.state_dict(), PATH); loaded weights-only
+    train: Dataset | str | Path     # labelled training data, also the source of the QAT calibration
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class _QatInputs:
+    """A checked QatSource: the module, MODEL's input name and the training arrays."""
+
+    source: QatSource
+    module: Any
+    input_name: str
+    x: np.ndarray
+    y: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -101,27 +139,33 @@ class _Search:
             out.append(record)
         return out
 
+    def meeting(self) -> list[dict]:
+        """Candidates other than FP32 that meet the budget."""
+        return [r for r in self.records.values() if r["meets"] and r["kind"] != "fp32"]
+
 
 def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | str | Path, budget: float = 1.0,
          output: str | Path = "auto-out", *, target: str = "onnxruntime-cpu", executor: Executor | None = None,
          config: Int8Static | None = None, methods: tuple[str, ...] = METHODS, force: bool = False,
-         bench_runs: int = 20, bench_batch: int = 64, threads: int = 1, select: str = "fidelity", console: Any = None) -> dict:
-    """Meet `budget` (points of the validation metric, e.g. top-1 %) with the fastest model; write OUTDIR."""
-    from edgeq.bench import BenchConfig, benchmark
+         bench_runs: int = 20, bench_batch: int = 64, threads: int = 1, select: str = "fidelity",
+         max_float_layers: int | None = None, refine: bool = True, qat: QatSource | None = None, console: Any = None) -> dict:
+    """Meet `budget` (points of the validation metric, e.g. top-1 %) with the fastest model; write OUTDIR.
+
+    `max_float_layers` caps the layers the search may return to float (0: a fully INT8 model or nothing);
+    `refine` False skips the recipe refinement (one evaluation less); `qat` lets QAT run when nothing else meets."""
     from edgeq.decide import DecisionRule
     from edgeq.report import ReportFolder
     from edgeq.report.auto import render_auto_html
 
-    if select not in ("fidelity", "validation"):
-        raise ConfigError(f"unknown calibration selection {select!r}", "use fidelity (no validation runs) or validation")
-    if not budget >= 0:
-        raise ConfigError(f"budget {budget} is negative", "give the accuracy drop you accept in points, e.g. --budget 1")
+    _check_options(select, budget, max_float_layers)
     started = time.perf_counter()
     say = console.print if console is not None else (lambda *a, **k: None)
-    folder = ReportFolder(Path(output), force=force)
     source = load(model) if isinstance(model, (str, Path)) else model
     calib = open_data(calib) if isinstance(calib, (str, Path)) else calib
+    val_spec = val
     val = open_data(val) if isinstance(val, (str, Path)) else val
+    qat_inputs = _load_qat(qat, source) if qat is not None else None   # before any work: a wrong model fails fast
+    folder = ReportFolder(Path(output), force=force)
     config = config or Int8Static()
     arrays, labels = materialize(val, source)
     own_executor = executor is None
@@ -130,23 +174,7 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
     search = _Search(folder, executor, arrays, labels, budget, rule)
     steps: list[dict] = []
     try:
-        say("calibrating with each method; the one whose INT8 outputs stay closest to FP32 is kept")
-        preps: dict[str, Prepared] = {m: prepare_and_calibrate(source, calib, config, method=m) for m in methods}
-        feed = eval_inputs(next(iter(preps.values())), calib)
-        scores = {m: full_int8_fidelity(p, feed) for m, p in preps.items()}
-        if select == "validation":   # one validation run per method: the most accurate, at the price of evaluations
-            full = search.evaluate([("fp32", source.proto, {"kind": "fp32", "float_layers": [], "method": None})]
-                                   + [(f"int8-{m}", quantize_qdq(p), {"kind": "int8", "float_layers": [], "method": m}) for m, p in preps.items()])[1:]
-            best = min(full, key=lambda r: (r["drop"], methods.index(r["method"])))
-            why = "lowest validation drop: " + ", ".join(f"{r['method']} {r['drop']:+.2f}" for r in full)
-        else:                        # fidelity on calibration samples: no validation run spent on the choice
-            method = max(methods, key=lambda m: (scores[m].sqnr_db, -methods.index(m)))
-            full = search.evaluate([("fp32", source.proto, {"kind": "fp32", "float_layers": [], "method": None}),
-                                    (f"int8-{method}", quantize_qdq(preps[method]), {"kind": "int8", "float_layers": [], "method": method})])[1:]
-            best = full[0]
-            why = "highest output SQNR vs FP32 on calibration samples: " + ", ".join(f"{m} {scores[m].sqnr_db:.1f} dB" for m in methods)
-        steps.append({"step": "calibration", "evaluated": [r["name"] for r in full], "best": best["name"], "why": why,
-                      "sqnr_db": {m: scores[m].sqnr_db for m in methods}})
+        preps, best, feed = _calibrate(search, source, calib, config, methods, select, steps, say)
         prep = preps[best["method"]]
         say(f"best calibration: {best['method']} (drop {best['drop']:+.2f}); analysing layers")
         analysis = analyze(source, calib, target, val=val, config=config, prepared=prep,
@@ -154,25 +182,19 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
         ranked = [s.node for s in analysis.sensitivity]
         n_layers = len(prep.layers)
         if not best["meets"]:
-            _fallback_search(search, prep, best, ranked, analysis, steps, say)
-        meeting = [r for r in search.records.values() if r["meets"] and r["kind"] != "fp32"]
-        if not meeting:
-            from edgeq.quantize import quantize
-            from edgeq.quantize.config import Fp16
-
-            say("no INT8 candidate meets the budget: evaluating FP16")
-            search.evaluate([("fp16", quantize(source, Fp16()).proto, {"kind": "fp16", "float_layers": [], "method": None})])
-        say("measuring latency of every candidate")
-        names = list(search.records)
-        bench = benchmark([search.records[n]["path"] for n in names], BenchConfig(threads=threads, runs=bench_runs, warmup=3, batch=bench_batch))
-        for n, b in zip(names, bench):
-            r = search.records[n]
-            d = b.to_dict()
-            r.update(size_mb=d["size_bytes"] / 1e6, p50_ms=d["latency_ms"]["p50"], p90_ms=d["latency_ms"]["p90"])
-            r["int8_layers"] = n_layers - len(r["float_layers"]) if r["kind"] == "int8" else 0
-        meeting = [r for r in search.records.values() if r["meets"] and r["kind"] != "fp32"]
-        chosen = min(meeting, key=lambda r: r["p50_ms"]) if meeting else search.records["fp32"]
-        verdict = _verdict(chosen, meeting, search, budget, n_layers, analysis, best)
+            _fallback_search(search, prep, best, ranked, analysis, steps, say, max_float_layers)
+        if refine:
+            _refine(search, preps, _refine_target(search), calib, feed, config, steps, say)
+        if not search.meeting() and qat_inputs is not None:
+            _qat_step(search, qat_inputs, dataclasses.replace(config, method=best["method"]), source, steps, say)
+        if not search.meeting():
+            _fp16_step(search, source, say)
+        _measure(search, n_layers, threads, bench_runs, bench_batch, say)
+        meeting = search.meeting()
+        chosen = _choose(meeting) if meeting else search.records["fp32"]
+        notes = [s["result"] for s in steps if "result" in s]
+        hint = None if qat_inputs is not None else _qat_command(source, val_spec, config, output)
+        verdict = _verdict(chosen, meeting, search, budget, n_layers, analysis, best, notes, hint)
     finally:
         if own_executor:
             executor.close()
@@ -200,12 +222,54 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
     return report
 
 
-def _fallback_search(search: _Search, prep: Prepared, best: dict, ranked: list[str], analysis, steps: list[dict], say) -> None:
-    """Fewest top-ranked layers to float: start at the sensitivity analysis's guess (layers that alone break the
-    outputs), grow by doubling while the budget fails, then bisect the count down to the smallest that meets it."""
+def _check_options(select: str, budget: float, max_float_layers: int | None) -> None:
+    if select not in ("fidelity", "validation"):
+        raise ConfigError(f"unknown calibration selection {select!r}", "use fidelity (no validation runs) or validation")
+    if not budget >= 0:
+        raise ConfigError(f"budget {budget} is negative", "give the accuracy drop you accept in points, e.g. --budget 1")
+    if max_float_layers is not None and max_float_layers < 0:
+        raise ConfigError(f"max float layers {max_float_layers} is negative", "give 0 (a fully INT8 model) or more")
+
+
+def _calibrate(search: _Search, source: Model, calib: Dataset, config: Int8Static, methods: tuple[str, ...], select: str,
+               steps: list[dict], say) -> tuple[dict[str, Prepared], dict, dict[str, np.ndarray]]:
+    """Calibrate with every method; evaluate FP32 and the best full INT8 (every method's with `select="validation"`).
+    Returns the prepared graphs, the best full-INT8 record and the calibration samples fidelity is measured on."""
+    say("calibrating with each method; the one whose INT8 outputs stay closest to FP32 is kept")
+    preps = {m: prepare_and_calibrate(source, calib, config, method=m) for m in methods}
+    feed = eval_inputs(next(iter(preps.values())), calib)
+    scores = {m: full_int8_fidelity(p, feed) for m, p in preps.items()}
+    fp32 = ("fp32", source.proto, {"kind": "fp32", "float_layers": [], "method": None})
+
+    def int8(m: str) -> tuple:
+        return f"int8-{m}", quantize_qdq(preps[m]), {"kind": "int8", "float_layers": [], "method": m}
+
+    if select == "validation":   # one validation run per method: the most accurate, at the price of evaluations
+        full = search.evaluate([fp32] + [int8(m) for m in methods])[1:]
+        best = min(full, key=lambda r: (r["drop"], methods.index(r["method"])))
+        why = "lowest validation drop: " + ", ".join(f"{r['method']} {r['drop']:+.2f}" for r in full)
+    else:                        # fidelity on calibration samples: no validation run spent on the choice
+        method = max(methods, key=lambda m: (scores[m].sqnr_db, -methods.index(m)))
+        full = search.evaluate([fp32, int8(method)])[1:]
+        best = full[0]
+        why = "highest output SQNR vs FP32 on calibration samples: " + ", ".join(f"{m} {scores[m].sqnr_db:.1f} dB" for m in methods)
+    steps.append({"step": "calibration", "evaluated": [r["name"] for r in full], "best": best["name"], "why": why,
+                  "sqnr_db": {m: scores[m].sqnr_db for m in methods}})
+    return preps, best, feed
+
+
+def _fallback_search(search: _Search, prep: Prepared, best: dict, ranked: list[str], analysis, steps: list[dict], say,
+                     max_float_layers: int | None = None) -> None:
+    """Fewest top-ranked layers to float (at most `max_float_layers`): start at the sensitivity analysis's guess
+    (layers that alone break the outputs), grow by doubling while the budget fails, then bisect the count down to
+    the smallest that meets it."""
     method = best["method"]
+    n = len(ranked) if max_float_layers is None else min(max_float_layers, len(ranked))
+    if n == 0:
+        steps.append({"step": "fallback", "result": "no layer may stay in float (max_float_layers 0): no mixed-precision search"})
+        return
     sens = {s.node: s for s in analysis.sensitivity}
-    guess = max(1, sum(1 for n in ranked if sens[n].only_quantized.sqnr_db < BROKEN_SQNR_DB))
+    guess = max(1, sum(1 for name in ranked if sens[name].only_quantized.sqnr_db < BROKEN_SQNR_DB))
     results: dict[int, dict] = {0: best}
 
     def trial(k: int) -> dict:
@@ -218,7 +282,6 @@ def _fallback_search(search: _Search, prep: Prepared, best: dict, ranked: list[s
             say(f"  top {k} layers in float: drop {record['drop']:+.2f} ({'meets' if record['meets'] else 'over'} the budget)")
         return results[k]
 
-    n = len(ranked)
     low, high = 0, None          # low: largest count known to fail; high: smallest known to meet
     k = min(guess, n)
     while k <= n:
@@ -230,7 +293,8 @@ def _fallback_search(search: _Search, prep: Prepared, best: dict, ranked: list[s
             break
         k = min(2 * k, n)
     if high is None:
-        steps.append({"step": "fallback", "result": f"even all {n} layers in float miss the budget"})
+        limit = f"all {n} layers" if n == len(ranked) else f"the top {n} layers (max_float_layers)"
+        steps.append({"step": "fallback", "result": f"even {limit} in float miss the budget"})
         return
     while high - low > 1:
         mid = (low + high) // 2
@@ -239,6 +303,189 @@ def _fallback_search(search: _Search, prep: Prepared, best: dict, ranked: list[s
         else:
             low = mid
     steps.append({"step": "fallback", "result": f"{high} layer(s) in float is the fewest by rank that meets the budget"})
+
+
+def _refine_target(search: _Search) -> dict:
+    """The INT8 candidate to refine: the one meeting the budget with the fewest layers in float, else the closest."""
+    int8 = [r for r in search.records.values() if r["kind"] == "int8"]
+    meeting = [r for r in int8 if r["meets"]]
+    if meeting:
+        return min(meeting, key=lambda r: (len(r["float_layers"]), r["drop"]))
+    return min(int8, key=lambda r: r["drop"])
+
+
+def _refine(search: _Search, preps: dict[str, Prepared], target: dict, calib: Dataset, feed: dict[str, np.ndarray],
+            config: Int8Static, steps: list[dict], say) -> None:
+    """Validate the recipe with the best output SQNR on calibration samples for the target's layers in float, unless
+    it is the target's own: at most one evaluation."""
+    say(f"refining {target['name']}: calibration methods, equalization and bias correction scored on calibration samples")
+    protos, scores = _score_recipes(preps, target, calib, feed, config)
+    key = max(scores, key=scores.get)
+    method, cle, bc = key
+    floats = list(target["float_layers"])
+    name = f"int8-{method}" + (f"-float{len(floats)}" if floats else "") + ("-cle" if cle else "") + ("-bc" if bc else "")
+    ranking = ", ".join(f"{_recipe_label(*k)} {v:.1f} dB" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
+    step = {"step": "refine", "target": target["name"], "sqnr_db": {_recipe_label(*k): v for k, v in scores.items()}, "best": name}
+    if name in search.records:
+        step["result"] = f"{name} keeps the highest output SQNR on calibration samples ({ranking}): no evaluation spent"
+    else:
+        repairs = [label for label, on in (("equalization", cle), ("bias correction", bc)) if on]
+        (record,) = search.evaluate([(name, protos[key], {"kind": "int8", "float_layers": floats, "method": method, "repairs": repairs})])
+        step["result"] = (f"{name} has the highest output SQNR on calibration samples ({ranking}); validated: drop "
+                          f"{record['drop']:+.2f} vs {target['drop']:+.2f} for {target['name']}")
+        say(f"  {name}: drop {record['drop']:+.2f}")
+    steps.append(step)
+
+
+def _score_recipes(preps: dict[str, Prepared], target: dict, calib: Dataset, feed: dict[str, np.ndarray],
+                   config: Int8Static) -> tuple[dict[tuple, Any], dict[tuple, float]]:
+    """Every calibration method with and without cross-layer equalization, then bias correction on the best of
+    those (the slow repair: once), each with the target's layers in float; keyed (method, equalize, bias correction)."""
+    from edgeq.quantize import quantize
+
+    floats = list(target["float_layers"])
+    model = preps[target["method"]].model
+    reference = outputs_of(model.proto, feed)
+
+    def build(method: str, cle: bool, bc: bool) -> Any:
+        if not (cle or bc):      # the stored ranges: the same model the search builds
+            return quantize_qdq(preps[method], exclude=floats)
+        recipe = dataclasses.replace(config, method=method, exclude_nodes=tuple(config.exclude_nodes) + tuple(floats),
+                                     equalize=cle, bias_correction=bc)
+        return quantize(model, recipe, calib=calib).proto
+
+    protos = {(m, cle, False): build(m, cle, False) for m in preps for cle in (False, True)}
+    scores = {key: fidelity(reference, outputs_of(p, feed)).sqnr_db for key, p in protos.items()}
+    method, cle, _ = max(scores, key=scores.get)
+    protos[(method, cle, True)] = build(method, cle, True)
+    scores[(method, cle, True)] = fidelity(reference, outputs_of(protos[(method, cle, True)], feed)).sqnr_db
+    return protos, scores
+
+
+def _recipe_label(method: str, cle: bool, bc: bool) -> str:
+    return " + ".join([method] + [label for label, on in (("equalization", cle), ("bias correction", bc)) if on])
+
+
+def _fp16_step(search: _Search, source: Model, say) -> None:
+    from edgeq.quantize import quantize
+    from edgeq.quantize.config import Fp16
+
+    say("no INT8 candidate meets the budget: evaluating FP16")
+    search.evaluate([("fp16", quantize(source, Fp16()).proto, {"kind": "fp16", "float_layers": [], "method": None})])
+
+
+def _load_qat(qat: QatSource, source: Model) -> _QatInputs:
+    """Check everything QAT needs before the search starts: PyTorch, the factory and weights, labelled training data
+    for MODEL's one input, and that the module computes what MODEL computes."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError("QAT needs PyTorch, which is not installed", "pip install 'edgeq[torch]', or leave out the PyTorch model") from None
+    from edgeq.qat.run import load_model, training_arrays
+
+    if qat.epochs < 1 or not qat.lr > 0 or qat.batch_size < 1:
+        raise ConfigError(f"QAT settings out of range: {qat.epochs} epochs, learning rate {qat.lr:g}, batch size {qat.batch_size}",
+                          "give at least 1 epoch (--qat-epochs), a positive learning rate (--qat-lr) and a batch size of at least 1")
+    if len(source.inputs) != 1:
+        raise ConfigError(f"QAT supports models with one input; {_label(source)} has {len(source.inputs)}", "leave out the PyTorch model")
+    module = load_model(qat.factory, Path(qat.weights))
+    train = open_data(qat.train) if isinstance(qat.train, (str, Path)) else qat.train
+    _, x, y = training_arrays(train, "training data")
+    inputs = _QatInputs(qat, module, source.inputs[0].name, x, y)
+    _check_same_function(inputs, source)
+    return inputs
+
+
+def _check_same_function(inputs: _QatInputs, source: Model) -> None:
+    """QAT fine-tunes the PyTorch model and is measured against MODEL's FP32: they must compute the same function."""
+    import torch
+
+    from edgeq.model import make_session
+
+    batch = source.inputs[0].shape[0] if source.inputs[0].shape and isinstance(source.inputs[0].shape[0], int) else 8
+    x = inputs.x[:batch]
+    try:
+        with torch.no_grad():
+            ours = inputs.module(torch.from_numpy(x))
+        ours = np.asarray((ours[0] if isinstance(ours, (tuple, list)) else ours).numpy(), dtype=np.float64)
+        theirs = np.asarray(make_session(source.proto, threads=1).run(None, {inputs.input_name: x})[0], dtype=np.float64)
+        error = float(np.linalg.norm(ours - theirs) / max(float(np.linalg.norm(theirs)), 1e-12))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the two do not fit together
+        detail = " ".join(str(exc).split())[:160]
+        raise ConfigError(f"the training data does not run through both {inputs.source.factory} and {_label(source)} ({type(exc).__name__}: {detail})",
+                          f"give the PyTorch model {_label(source)} was exported from and training inputs shaped like its input") from None
+    if not error <= SAME_FUNCTION_RTOL:
+        raise ConfigError(f"{inputs.source.factory} with {inputs.source.weights} does not compute what {_label(source)} computes "
+                          f"(relative output difference {error:.2g} on {len(x)} training samples)",
+                          f"give the PyTorch model and weights {_label(source)} was exported from")
+
+
+def _label(model: Model) -> str:
+    return Path(model.path).name if model.path else model.name
+
+
+def _qat_step(search: _Search, inputs: _QatInputs, config: Int8Static, source: Model, steps: list[dict], say) -> None:
+    """Fine-tune the PyTorch model with fake quantization (initialised from PTQ with the chosen calibration) and
+    evaluate its exported QDQ model like every other candidate."""
+    from edgeq import qat
+    from edgeq.qat.run import QatOptions, default_task, finetune_qat, prepare_qat
+
+    src = inputs.source
+    options = QatOptions(epochs=src.epochs, lr=src.lr, batch_size=src.batch_size, per_channel=config.per_channel,
+                         weight_bits=config.weight_bits, seed=src.seed)
+    say(f"no INT8 or mixed model meets the budget: quantization-aware training of {src.factory} ({src.epochs} epochs)")
+    started = time.perf_counter()
+    prepared, split = prepare_qat(inputs.module, inputs.x, inputs.input_name, config, options, [o.name for o in source.outputs])
+    history = finetune_qat(prepared, inputs.x, inputs.y, split, default_task(inputs.y), options)
+    proto = qat.to_onnx(prepared, weight_storage=options.weight_storage).proto
+    seconds = time.perf_counter() - started
+    about = {"factory": src.factory, "epochs": src.epochs, "lr": src.lr, "best_epoch": history.best_epoch,
+             "train_samples": len(split[0]), "early_stop_samples": len(split[1]), "seconds": round(seconds, 1)}
+    (record,) = search.evaluate([("qat", proto, {"kind": "qat", "float_layers": [], "method": config.method, "qat": about})])
+    steps.append({"step": "qat", **about, "drop": record["drop"], "meets": record["meets"],
+                  "result": f"quantization-aware training of {src.factory} ({src.epochs} epochs on {len(split[0])} training samples, "
+                            f"epoch {history.best_epoch} kept by early stop on {len(split[1])}, {seconds:.0f} s): drop "
+                            f"{record['drop']:+.2f} points, {'meets' if record['meets'] else 'over'} the budget"})
+    say(f"  qat: drop {record['drop']:+.2f}")
+
+
+def _qat_command(source: Model, val: Dataset | str | Path, config: Int8Static, output: str | Path) -> str:
+    """The recommendation when QAT could not run here: the exact `edgeq qat` command, and how to let auto run it."""
+    if isinstance(val, Dataset):
+        val = val.description if Path(val.description).exists() else "VAL_DATA"
+    flags = ("" if config.per_channel else " --per-tensor") + ("" if config.weight_bits == 8 else f" --weight-bits {config.weight_bits}")
+    command = (f"edgeq qat MODULE:FACTORY --weights WEIGHTS.pt --train TRAIN_DATA --val {shlex.quote(str(val))}{flags} "
+               f"-o {shlex.quote(str(Path(output) / 'qat.onnx'))}")
+    return (f"recommendation: quantization-aware training, which recovers most of the INT8 loss: `{command}` "
+            f"(MODULE:FACTORY builds the PyTorch model {_label(source)} was exported from), or rerun `edgeq auto` with "
+            "`--torch-model MODULE:FACTORY --weights WEIGHTS.pt --train TRAIN_DATA` to run it and compare it here")
+
+
+def _measure(search: _Search, n_layers: int, threads: int, runs: int, batch: int, say) -> None:
+    """Latency and size of every candidate, each in its own benchmark worker."""
+    from edgeq.bench import BenchConfig, benchmark
+
+    say("measuring latency of every candidate")
+    names = list(search.records)
+    bench = benchmark([search.records[n]["path"] for n in names], BenchConfig(threads=threads, runs=runs, warmup=3, batch=batch))
+    for n, b in zip(names, bench):
+        r = search.records[n]
+        d = b.to_dict()
+        r.update(size_mb=d["size_bytes"] / 1e6, p50_ms=d["latency_ms"]["p50"], p90_ms=d["latency_ms"]["p90"])
+        r["int8_layers"] = {"int8": n_layers - len(r["float_layers"]), "qat": n_layers}.get(r["kind"], 0)
+
+
+def _structure(record: dict) -> tuple:
+    """Candidates with the same kind and layers in float run the same kernels."""
+    return record["kind"], tuple(sorted(record["float_layers"]))
+
+
+def _choose(meeting: list[dict]) -> dict:
+    """The fastest candidate that meets the budget; among those with its structure, the most accurate (their
+    latencies differ by measurement noise only)."""
+    fastest = min(meeting, key=lambda r: r["p50_ms"])
+    same = [r for r in meeting if _structure(r) == _structure(fastest)]
+    return min(same, key=lambda r: (r["drop"], r["evaluation"]))
 
 
 def broken_layers(analysis) -> dict[str, str]:
@@ -255,38 +502,26 @@ def broken_layers(analysis) -> dict[str, str]:
     return out
 
 
-def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, n_layers: int, analysis, best: dict) -> dict:
-    sens = {s.node: s for s in analysis.sensitivity}
-    outl = {o.node: o for o in analysis.outliers}
-    reasons = []
-    if chosen["kind"] == "int8":
-        float_layers = chosen["float_layers"]
+def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, n_layers: int, analysis, best: dict,
+             notes: list[str], qat_hint: str | None) -> dict:
+    """Status, one-line summary and the reasons: what full INT8 did, what each search step found, why the chosen
+    model (or the recommendation when none meets)."""
+    reasons = [f"full INT8 with the best calibration ({best['method']}) drops {best['drop']:+.2f} points"
+               + (": within the budget" if best["meets"] else ": over the budget"), *notes]
+    if chosen["kind"] in ("int8", "qat"):
         status = "met"
-        summary = (f"{chosen['name']} meets the budget: drop {chosen['drop']:+.2f} points (≤ {budget:g}), "
-                   f"{n_layers - len(float_layers)} of {n_layers} layers INT8, {chosen['p50_ms']:.2f} ms p50, "
-                   f"{chosen['size_mb']:.2f} MB")
-        reasons.append(f"full INT8 with the best calibration ({best['method']}) drops {best['drop']:+.2f} points"
-                       + (": within the budget" if best["meets"] else ": over the budget"))
-        for name in float_layers:
-            s, o = sens.get(name), outl.get(name)
-            why = f"kept in float: {name}"
-            if s:
-                why += f" — rank {s.rank} in sensitivity (only it INT8: output SQNR {s.only_quantized.sqnr_db:.1f} dB, cosine {s.only_quantized.cosine:.4f})"
-            if o and o.reasons:
-                why += f"; {o.reasons[0]}"
-            reasons.append(why)
-        faster = sorted(meeting, key=lambda r: r["p50_ms"])
-        if len(faster) > 1:
-            reasons.append("fastest of the candidates that meet the budget: " + ", ".join(f"{r['name']} {r['p50_ms']:.2f} ms" for r in faster))
-        fp32 = search.records["fp32"]
-        reasons.append(f"vs FP32: latency {chosen['p50_ms']:.2f} ms vs {fp32['p50_ms']:.2f} ms ({fp32['p50_ms'] / chosen['p50_ms']:.2f}× the speed), "
-                       f"size {fp32['size_mb'] / chosen['size_mb']:.2f}× smaller")
+        how = f"{n_layers - len(chosen['float_layers'])} of {n_layers} layers INT8" if chosen["kind"] == "int8" else \
+            f"all {n_layers} layers INT8 after quantization-aware training"
+        summary = (f"{chosen['name']} meets the budget: drop {chosen['drop']:+.2f} points (≤ {budget:g}), {how}, "
+                   f"{chosen['p50_ms']:.2f} ms p50, {chosen['size_mb']:.2f} MB")
+        reasons += [_float_reason(name, analysis) for name in chosen["float_layers"]]
+        reasons += _speed_reasons(chosen, meeting, search)
     else:
         status = "not-met"
+        summary = f"no INT8{', QAT' if 'qat' in search.records else ''} or mixed-precision model meets the budget of {budget:g} points"
+        if qat_hint:
+            reasons.append(qat_hint)
         fp16 = search.records.get("fp16")
-        summary = f"no INT8 or mixed-precision model meets the budget of {budget:g} points"
-        reasons.append(f"full INT8 ({best['method']}) drops {best['drop']:+.2f} points; returning layers to float by sensitivity did not reach the budget")
-        reasons.append("recommendation: quantization-aware training (`edgeq qat` with the PyTorch model), which recovers most of the INT8 loss")
         if fp16 is not None:
             reasons.append(f"or FP16: drop {fp16['drop']:+.2f} points, {fp16['size_mb']:.2f} MB "
                            f"({'meets' if fp16['meets'] else 'misses'} the budget; on CPUs without FP16 arithmetic it is not faster)")
@@ -294,9 +529,33 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
                 status, summary = "fp16", summary + "; FP16 does, and is the chosen model"
     broken = broken_layers(analysis)
     if broken:
-        reasons.insert(1 if chosen["kind"] == "int8" else 0, "layers that break INT8: " + "; ".join(f"{n} ({why})" for n, why in broken.items()))
+        reasons.insert(1, "layers that break INT8: " + "; ".join(f"{n} ({why})" for n, why in broken.items()))
     reasons.append(f"{search.evaluations} evaluations on the validation set (FP32 included)")
     return {"status": status, "summary": summary, "reasons": reasons, "broken_layers": list(broken)}
+
+
+def _float_reason(name: str, analysis) -> str:
+    s = next((s for s in analysis.sensitivity if s.node == name), None)
+    o = next((o for o in analysis.outliers if o.node == name), None)
+    why = f"kept in float: {name}"
+    if s:
+        why += f" — rank {s.rank} in sensitivity (only it INT8: output SQNR {s.only_quantized.sqnr_db:.1f} dB, cosine {s.only_quantized.cosine:.4f})"
+    if o and o.reasons:
+        why += f"; {o.reasons[0]}"
+    return why
+
+
+def _speed_reasons(chosen: dict, meeting: list[dict], search: _Search) -> list[str]:
+    out = []
+    faster = sorted(meeting, key=lambda r: r["p50_ms"])
+    if len(faster) > 1:
+        out.append("fastest of the candidates that meet the budget: " + ", ".join(f"{r['name']} {r['p50_ms']:.2f} ms" for r in faster))
+    if chosen is not faster[0]:
+        out.append(f"{chosen['name']} has the layers in float of {faster[0]['name']}, so the same kernels: the more accurate of the two is kept")
+    fp32 = search.records["fp32"]
+    out.append(f"vs FP32: latency {chosen['p50_ms']:.2f} ms vs {fp32['p50_ms']:.2f} ms ({fp32['p50_ms'] / chosen['p50_ms']:.2f}× the speed), "
+               f"size {fp32['size_mb'] / chosen['size_mb']:.2f}× smaller")
+    return out
 
 
 def print_auto(console, report: dict, output: Path | str) -> None:

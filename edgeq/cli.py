@@ -48,6 +48,7 @@ class WeightRange(str, Enum):
 class Algorithm(str, Enum):
     rtn = "rtn"
     gptq = "gptq"
+    awq = "awq"
 
 
 class Int4Format(str, Enum):
@@ -85,7 +86,7 @@ def quantize(
     equalize: Annotated[bool, typer.Option("--equalize", help="Static INT8: cross-layer equalization of consecutive conv/linear layers.")] = False,
     smoothquant: Annotated[Optional[str], typer.Option(help="Static INT8: SmoothQuant for MatMul/Gemm inputs: migration strength alpha (e.g. 0.5), or auto (per layer).")] = None,
     block_size: Annotated[int, typer.Option(help="INT4: weights per block along the reduction axis (16, 32, 64, 128).")] = 32,
-    algorithm: Annotated[Algorithm, typer.Option(help="INT4: rtn (round to nearest) or gptq (needs --calib).")] = Algorithm.rtn,
+    algorithm: Annotated[Algorithm, typer.Option(help="INT4: rtn (round to nearest), gptq or awq (both need --calib).")] = Algorithm.rtn,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="INT4: symmetric blocks, or a zero point per block.")] = True,
     int8_layers: Annotated[Optional[str], typer.Option(help="INT4: layers kept at INT8: first-last, auto:N (the N most sensitive), or node names, comma-separated.")] = None,
     int4_format: Annotated[Int4Format, typer.Option(help="INT4: nbits (ONNX Runtime MatMulNBits, fastest) or qdq (blocked DequantizeLinear, opset 21).")] = Int4Format.nbits,
@@ -113,8 +114,8 @@ def quantize(
         config = cfg.Int4WeightOnly(block_size=block_size, symmetric=symmetric, algorithm=algorithm.value, format=int4_format.value,
                                     op_types=ops or ("MatMul", "Gemm"), embeddings=embeddings, exclude_nodes=tuple(exclude or ()),
                                     max_samples=max_samples, **_int8_layers(int8_layers))
-        if algorithm is Algorithm.gptq and calib is None:
-            raise UserError("--algorithm gptq needs calibration data", "pass --calib DATA (a few hundred sequences), or use --algorithm rtn")
+        if algorithm in (Algorithm.gptq, Algorithm.awq) and calib is None:
+            raise UserError(f"--algorithm {algorithm.value} needs calibration data", "pass --calib DATA (a few hundred sequences), or use --algorithm rtn")
         data = edgeq.open_data(calib, preset) if calib is not None else None
     elif mode is Mode.dynamic:
         config = cfg.Int8Dynamic(per_channel=per_channel, op_types=ops or cfg.DYNAMIC_OP_TYPES, exclude_nodes=tuple(exclude or ()))
@@ -308,19 +309,38 @@ def auto(
     target: Annotated[str, typer.Option(help="Target profile for the operator-support table.")] = "onnxruntime-cpu",
     workers: Annotated[int, typer.Option(help="Worker processes that evaluate candidates.")] = 2,
     threads: Annotated[int, typer.Option(help="Intra-op threads for latency measurements.")] = 1,
+    max_float_layers: Annotated[Optional[int], typer.Option(help="At most this many layers back to float (0: a fully INT8 model or none).")] = None,
+    torch_model: Annotated[Optional[str], typer.Option(help="The PyTorch model MODEL was exported from (MODULE:FACTORY), fine-tuned with QAT when no INT8 or mixed model meets the budget.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="With --torch-model: its state dict, torch.save(model.state_dict(), PATH) (loaded weights-only).")] = None,
+    train: Annotated[Optional[Path], typer.Option(help="With --torch-model: training DATA with labels for QAT.")] = None,
+    qat_epochs: Annotated[int, typer.Option(help="With --torch-model: QAT fine-tuning epochs (early stop on 10% of --train).")] = 3,
+    qat_lr: Annotated[float, typer.Option(help="With --torch-model: QAT learning rate (Adam, cosine schedule).")] = 1e-4,
     preset: Preset = "raw",
     force: Force = False,
 ) -> None:
-    """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, fastest wins."""
+    """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, then QAT; fastest wins."""
     import edgeq
+    from edgeq.auto import QatSource, print_auto
     from edgeq.auto import auto as run_auto
     from edgeq.executor import LocalPool
-    from edgeq.auto import print_auto
 
+    qat_source = None
+    if _qat_flags(torch_model, weights=weights, train=train):
+        qat_source = QatSource(torch_model, weights, edgeq.open_data(train, preset), epochs=qat_epochs, lr=qat_lr)
     with LocalPool(workers) as pool:
         report = run_auto(model, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
-                          executor=pool, force=force, threads=threads, console=out)
+                          executor=pool, force=force, threads=threads, max_float_layers=max_float_layers, qat=qat_source, console=out)
     print_auto(out, report, output)
+
+
+def _qat_flags(torch_model: str | None, **given: Path | None) -> bool:
+    """`auto`'s QAT inputs come together: --torch-model with --weights and --train, or none of them."""
+    for flag, value in given.items():
+        if torch_model is None and value is not None:
+            raise UserError(f"--{flag} is for QAT and needs --torch-model", f"name the PyTorch model with --torch-model MODULE:FACTORY, or leave out --{flag}")
+        if torch_model is not None and value is None:
+            raise UserError(f"--torch-model needs --{flag}", f"pass --{flag} " + {"weights": "PATH (its state dict)", "train": "DATA (labelled training data)"}[flag])
+    return torch_model is not None
 
 
 @app.command()

@@ -80,13 +80,14 @@ def load_model(spec: str, weights: Path):
     return model.eval()
 
 
-def _arrays(data, what: str) -> tuple[str, np.ndarray, np.ndarray]:
+def training_arrays(data, what: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """(input name, inputs, labels) of a one-input labelled Dataset, checked."""
     chunks = list(data.chunks())
     if not chunks:
         raise DataError(f"{what} is empty", "give labelled samples")
     keys = list(chunks[0].inputs)
     if len(keys) != 1:
-        raise ConfigError(f"`edgeq qat` supports models with one input; {what} has {len(keys)} arrays ({', '.join(keys)})", "give one input array plus labels")
+        raise ConfigError(f"QAT supports models with one input; {what} has {len(keys)} arrays ({', '.join(keys)})", "give one input array plus labels")
     if any(c.labels is None for c in chunks):
         raise DataError(f"{what} has no labels", "add a `labels` array (class ids or regression targets)")
     x = np.concatenate([np.asarray(c.inputs[keys[0]]) for c in chunks]).astype(np.float32)
@@ -94,6 +95,34 @@ def _arrays(data, what: str) -> tuple[str, np.ndarray, np.ndarray]:
     if not np.isfinite(x).all():
         raise DataError(f"{what} holds NaN/Inf", "clean the data")
     return keys[0], x, y
+
+
+def default_task(labels: np.ndarray) -> str:
+    return "classification" if np.issubdtype(labels.dtype, np.integer) else "regression"
+
+
+def prepare_qat(model, x: np.ndarray, name: str, config, options: QatOptions,
+                output_names: list[str] | None = None) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+    """Fake quantization initialised from PTQ on up to 512 training samples; returns it and the (training,
+    early-stop) index split: 10 % of the samples are held back for early stopping (none below 20 samples)."""
+    from edgeq import qat
+
+    order = np.random.default_rng(options.seed).permutation(len(x))
+    n_stop = max(1, int(len(x) * EARLY_STOP_FRACTION)) if len(x) >= 20 else 0
+    split = (order[n_stop:], order[:n_stop])
+    prepared = qat.prepare(model, config, calib=x[split[0]][:CALIB_SAMPLES], input_name=name,
+                           output_names=output_names, learn_scales=options.learn_scales)
+    return prepared, split
+
+
+def finetune_qat(prepared, x: np.ndarray, y: np.ndarray, split: tuple[np.ndarray, np.ndarray], task: str, options: QatOptions):
+    """The built-in loop with early stop on the held-back split; returns its history."""
+    from edgeq import qat
+
+    train_idx, stop_idx = split
+    early = (x[stop_idx], y[stop_idx]) if len(stop_idx) else None
+    return qat.finetune(prepared, (x[train_idx], y[train_idx]), early, task=task, epochs=options.epochs, lr=options.lr,
+                        batch_size=options.batch_size, seed=options.seed)
 
 
 def run_qat(spec: str, weights: Path, train, val, output: Path, options: QatOptions, *, force: bool = False) -> dict:
@@ -105,25 +134,18 @@ def run_qat(spec: str, weights: Path, train, val, output: Path, options: QatOpti
     from edgeq.qat.prepare import export_float
 
     model = load_model(spec, weights)
-    name, x, y = _arrays(train, "training data")
-    _, vx, vy = _arrays(val, "validation data")
-    task = options.task or ("classification" if np.issubdtype(y.dtype, np.integer) else "regression")
+    name, x, y = training_arrays(train, "training data")
+    _, vx, vy = training_arrays(val, "validation data")
+    task = options.task or default_task(y)
     config = edgeq.Int8Static(per_channel=options.per_channel, weight_bits=options.weight_bits)
-    rng = np.random.default_rng(options.seed)
-    order = rng.permutation(len(x))
-    n_stop = max(1, int(len(x) * EARLY_STOP_FRACTION)) if len(x) >= 20 else 0
-    stop_idx, train_idx = order[:n_stop], order[n_stop:]
-    prepared = qat.prepare(model, config, calib=x[train_idx][:CALIB_SAMPLES], input_name=name,
-                           learn_scales=options.learn_scales)
+    prepared, split = prepare_qat(model, x, name, config, options)
     state = prepared.edgeq_qat
     val_set = edgeq.Dataset.from_arrays({name: vx}, labels=vy, description="validation data")
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_float(state.template, name, state.output_names, x[:1]).save(Path(tmp) / "fp32.onnx")
         base = validate(fp32_path, val_set).to_dict()
         ptq = validate(state.ptq, val_set).to_dict()
-    early = (x[stop_idx], y[stop_idx]) if n_stop else None
-    history = qat.finetune(prepared, (x[train_idx], y[train_idx]), early, task=task, epochs=options.epochs, lr=options.lr,
-                           batch_size=options.batch_size, seed=options.seed)
+    history = finetune_qat(prepared, x, y, split, task, options)
     written = qat.export(prepared, output, force=force, weight_storage=options.weight_storage)
     qat_record = validate(written, val_set).to_dict()
     rule = DecisionRule()

@@ -100,7 +100,7 @@ def render_auto_html(report: dict) -> str:
 
     cand_rows = "".join(
         "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in (
-            r["name"] + (" ★" if r["name"] == report["chosen"] else ""), r.get("method") or "—", len(r["float_layers"]),
+            r["name"] + (" ★" if r["name"] == report["chosen"] else ""), _recipe(r), len(r["float_layers"]),
             fmt(r.get("size_mb"), ".3f"), fmt(r.get("p50_ms"), ".2f"), fmt(r["metric_value"], ".2f"),
             f"{r['drop']:+.2f} [{r['drop_ci95'][0]:+.2f}, {r['drop_ci95'][1]:+.2f}]", "yes" if r["meets"] else "no",
             "yes" if r["name"] in front else "", r["evaluation"])) + "</tr>" for r in cands)
@@ -136,7 +136,7 @@ tr.unsupported td{{color:#cf222e}}tr.float td{{color:#9a6700}}figure{{margin:1.2
 <p id="evaluations">Evaluations: <b>{report['evaluations']}</b> — {esc(report.get('evaluations_note', ''))}</p>
 <h2>Candidates</h2>
 <figure id="tradeoff">{chart}</figure>
-<table id="candidates"><tr><th>candidate</th><th>calibration</th><th>layers in float</th><th>size MB</th><th>p50 ms</th><th>{esc(report['metric'])}</th><th>drop [paired 95% CI]</th><th>meets budget</th><th>Pareto</th><th>eval #</th></tr>{cand_rows}</table>
+<table id="candidates"><tr><th>candidate</th><th>recipe</th><th>layers in float</th><th>size MB</th><th>p50 ms</th><th>{esc(report['metric'])}</th><th>drop [paired 95% CI]</th><th>meets budget</th><th>Pareto</th><th>eval #</th></tr>{cand_rows}</table>
 <h2>Search</h2><ol id="search">{steps}</ol>
 <h2>Per-layer sensitivity</h2>
 <figure id="sensitivity">{sens_chart}</figure>
@@ -164,6 +164,14 @@ def _step(s: dict) -> str:
     if s["step"] == "calibration":
         return f"calibration: chose {s['best']} — {s['why']}; evaluated on validation: {', '.join(s['evaluated'])}"
     if "result" in s:
-        return f"fallback: {s['result']}"
+        return f"{s['step']}: {s['result']}"
     return (f"fallback: top {s['float_count']} layer(s) in float ({', '.join(s['float_layers'])}): drop {s['drop']:+.2f}, "
             f"{'meets' if s['meets'] else 'over'} the budget")
+
+
+def _recipe(candidate: dict) -> str:
+    """How a candidate was made: its calibration method, the repairs on top, QAT."""
+    parts = [candidate.get("method") or "—", *candidate.get("repairs", [])]
+    if candidate["kind"] == "qat":
+        parts.append(f"QAT {candidate['qat']['epochs']} epochs")
+    return " + ".join(parts)

@@ -68,23 +68,23 @@ def screenshot(browser: str, page: Path, png: Path, width: int = 1200, height: i
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from edgeq.analyze.planted import TRAIN_EPOCHS, cached_planted_model
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-o", "--output", default="docs/auto-report.png")
     parser.add_argument("--workdir", default="report-shot-out")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=TRAIN_EPOCHS, help="training epochs of the planted CNN")
     args = parser.parse_args(argv)
     browser = find_chromium(install=True)
     if browser is None:
         print("report-shot: chromium is not installed and cannot be installed here (apt-get install chromium as root)")
         return 2
-    from edgeq.analyze.planted import make_planted_model
     from edgeq.auto import auto
 
     work = Path(args.workdir)
-    model = work / "model" / "planted.onnx"
-    if not model.is_file():          # re-running reuses the trained model: the target is idempotent
-        model = make_planted_model(work / "model", epochs=args.epochs).planted
-    auto(model, work / "model" / "calib.npz", work / "model" / "val.npz", 1.0, work / "auto", force=True)
+    planted = cached_planted_model(epochs=args.epochs)   # trained once per machine: the target is idempotent
+    folder = planted.planted.parent
+    auto(planted.planted, folder / "calib.npz", folder / "val.npz", 1.0, work / "auto", force=True)
     page = work / "auto" / "report.html"
     run = open_page(browser, page)
     if run.console_errors:
