@@ -279,6 +279,8 @@ BAD_OPTIONS = {
     "unknown-method": (("--calib", "data.npz", "--method", "magic"), None, ("magic", "--help")),
     "max-samples-zero": (("--calib", "data.npz", "--max-samples", "0"), None, ("max_samples is 0",)),
     "bad-threshold-env": (("--calib", "data.npz"), {"EDGEQ_EXTERNAL_DATA_THRESHOLD": "big"}, ("EDGEQ_EXTERNAL_DATA_THRESHOLD",)),
+    "smoothquant-not-a-number": (("--calib", "data.npz", "--smoothquant", "strong"), None, ("--smoothquant 'strong'", "auto")),
+    "smoothquant-out-of-range": (("--calib", "data.npz", "--smoothquant", "1.5"), None, ("smoothquant alpha 1.5",)),
 }
 
 
