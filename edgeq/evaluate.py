@@ -36,6 +36,7 @@ BOOTSTRAP_SEED = 20_240_917
 BOOTSTRAP_RESAMPLES = 2000
 # PP-OCR's DB post-processing binarises its probability map at 0.3 (det_db_thresh); the IoU uses the same cut.
 MAP_THRESHOLD = 0.3
+UNIT_RANGE_SLACK = 0.02  # how far past [0, 1] a (quantized) probability map may step
 
 
 @dataclass(frozen=True)
@@ -425,8 +426,11 @@ def _closeness(y: np.ndarray, r: np.ndarray, failed: np.ndarray) -> dict[str, np
     hit_a, hit_b = a > MAP_THRESHOLD, b > MAP_THRESHOLD
     union = (hit_a | hit_b).sum(axis=1)
     iou = np.where(union > 0, (hit_a & hit_b).sum(axis=1) / np.maximum(union, 1), 1.0)
-    in_unit = (((y >= 0) & (y <= 1)) | ~np.isfinite(y)).reshape(n, -1).all(axis=1) \
-        & (((r >= 0) & (r <= 1)) | ~np.isfinite(r)).reshape(n, -1).all(axis=1)
+    # a quantized probability map may step a few quantization levels past [0, 1] (uint8 over a range that is not
+    # exactly [0, 1]): it is still a probability map
+    slack = UNIT_RANGE_SLACK
+    in_unit = (((y >= -slack) & (y <= 1 + slack)) | ~np.isfinite(y)).reshape(n, -1).all(axis=1) \
+        & (((r >= -slack) & (r <= 1 + slack)) | ~np.isfinite(r)).reshape(n, -1).all(axis=1)
     return {
         "cosine": np.where(failed, 0.0, np.clip(cosine, -1.0, 1.0)),
         "signal": np.where(failed, np.nan, (b ** 2).sum(axis=1)),
