@@ -156,6 +156,9 @@ class HistogramObserver:
         return max(low, -threshold), min(high, threshold)
 
 
+REFINED_MINIMA = 4  # coarse candidates refined bin by bin: the KL curve has several dips on real activations
+
+
 def _kl_threshold(hist: np.ndarray, quantized_bins: int, exhaustive: bool = False) -> int:
     """Number of histogram bins T that minimises KL(P_T || Q_T) (TensorRT / MXNet's calibration, vectorised).
 
@@ -163,7 +166,8 @@ def _kl_threshold(hist: np.ndarray, quantized_bins: int, exhaustive: bool = Fals
     groups (T // quantized_bins bins each, the remainder in the last group), each group's mass spread evenly over its
     non-empty bins. Both are smoothed (zeros get eps, taken from the non-zeros) as the reference implementations do.
     Unless `exhaustive`, a coarse pass over every k-th candidate (about 96 of them) is refined bin by bin around its
-    best: the KL curve is smooth at that scale, and the search costs ~6× less.
+    4 best: the search costs ~5× less, and on PP-OCR det's 329 activations it finds the exhaustive minimum for 325
+    (the other 4 within 3.1% of its KL; refining around the single best missed 23).
     """
     used = int(np.flatnonzero(hist)[-1]) + 1
     if used <= quantized_bins:
@@ -174,8 +178,10 @@ def _kl_threshold(hist: np.ndarray, quantized_bins: int, exhaustive: bool = Fals
     coarse = np.unique(np.append(candidates[::stride], used))
     scores = dict(zip(coarse.tolist(), _kl_scores(hist, quantized_bins, coarse, tables).tolist()))
     if stride > 1:
-        best = min(scores, key=scores.get)
-        fine = np.array([t for t in range(max(quantized_bins, best - stride), min(used, best + stride) + 1) if t not in scores])
+        near = set()
+        for best in sorted(scores, key=scores.get)[:REFINED_MINIMA]:
+            near.update(range(max(quantized_bins, best - stride), min(used, best + stride) + 1))
+        fine = np.array(sorted(near - scores.keys()), dtype=np.int64)
         if len(fine):
             scores.update(zip(fine.tolist(), _kl_scores(hist, quantized_bins, fine, tables).tolist()))
     return min(scores, key=lambda t: (scores[t], t))
