@@ -16,7 +16,12 @@ def run_child(args: list[str]) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"child {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    payload = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the JSON the child emitted last; libraries print to stdout too (ONNX Runtime's GPTQ port ends its progress bar
+    # without a newline, so the JSON can share that line)
+    lines = [line[line.index('{"'):] for line in proc.stdout.splitlines() if '{"' in line]
+    if not lines:
+        raise RuntimeError(f"child {' '.join(args)} printed no result:\n{proc.stdout[-1000:]}{proc.stderr[-2000:]}")
+    payload = json.loads(lines[-1])
     payload.setdefault("seconds", seconds)
     return payload
 
