@@ -6,7 +6,8 @@ Two models. The demo's digits CNN (trained here, seeded): calibration on digits 
 rapidocr package's): rendered text pages, 16 / 64 samples (ONNX Runtime keeps every activation of every sample in
 memory: 64 pages already take GBs); probability-map MAD, text-region IoU and cosine against FP32.
 Per variant: wall time of the whole quantizing process and of its calibration phase alone (running the model over
-the data and computing ranges), and peak memory (each quantization in its own process, VmHWM).
+the data and computing ranges), and peak memory (each quantization in its own process, VmHWM; digits: the median
+time of 3 processes).
 
     PYTHONPATH=. .venv/bin/python bench/calibration.py          # prints markdown for bench/RESULTS.md
 """
@@ -27,6 +28,7 @@ EDGEQ = ("minmax", "percentile", "entropy", "mse", "auto")
 ORT = ("MinMax", "Entropy", "Percentile")
 BATCH = 20  # divides every size: ONNX Runtime's histogram calibrators crash on a smaller last batch
 OCR_SIZES, OCR_SIDE, OCR_VAL, OCR_BATCH = (16, 64), 256, 8, 4
+DIGITS_REPEATS = 3  # the digits runs take tenths of a second: the median of 3 processes steadies the ratios
 
 
 def child(variant: str, model: str, calib: str, out: str, ort_per_channel: str = "1") -> None:
@@ -143,16 +145,19 @@ def main() -> None:
     print("\n\n".join(parts))
 
 
-def quantize_all(fp32: Path, calib: Path, n: int, work: Path, ort_per_channel: bool = True) -> list[tuple[dict, Path]]:
-    """Every variant on the same files, each in its own process: (figures, quantized model path)."""
+def quantize_all(fp32: Path, calib: Path, n: int, work: Path, ort_per_channel: bool = True, repeats: int = 1) -> list[tuple[dict, Path]]:
+    """Every variant on the same files, each in its own process, `repeats` times (times: the median run; peak
+    memory: the largest): (figures, quantized model path)."""
     done = []
     for variant in [f"edgeq-{m}" for m in EDGEQ] + [f"ort-{m}" for m in ORT]:
         out = work / f"{fp32.stem}_{variant}_{n}.onnx"
-        stats = run_child([__file__, "_child", variant, str(fp32), str(calib), str(out), "1" if ort_per_channel else "0"])
-        row = {"samples": n, "variant": variant, "seconds": stats["seconds"], "calibration_seconds": stats["calibration_seconds"],
-               "peak_mb": stats["peak_rss_mb"]}
-        if stats["chosen"]:
-            row["chosen"] = stats["chosen"]
+        runs = [run_child([__file__, "_child", variant, str(fp32), str(calib), str(out), "1" if ort_per_channel else "0"])
+                for _ in range(repeats)]
+        row = {"samples": n, "variant": variant, "seconds": float(np.median([r["seconds"] for r in runs])),
+               "calibration_seconds": float(np.median([r["calibration_seconds"] for r in runs])),
+               "peak_mb": max(r["peak_rss_mb"] for r in runs)}
+        if runs[0]["chosen"]:
+            row["chosen"] = runs[0]["chosen"]
         done.append((row, out))
     return done
 
@@ -168,7 +173,8 @@ def digits_part(work: Path, sizes: list[int]) -> str:
     reference = fp32_logits.argmax(1)
     rows = []
     for n in sizes:
-        for row, out in quantize_all(fp32, write_batches(calibration_pool(split, n), work / f"calib_{n}"), n, work):
+        calib = write_batches(calibration_pool(split, n), work / f"calib_{n}")
+        for row, out in quantize_all(fp32, calib, n, work, repeats=DIGITS_REPEATS):
             logits = edgeq.load(out).session(threads=2).run(None, {"input": split.val_x})[0]
             pred = logits.argmax(1)
             row.update(quality=f"{(pred == split.val_y).mean() * 100:.2f}", agree=f"{(pred == reference).mean() * 100:.2f}",
