@@ -140,6 +140,7 @@ def outlier_check(work: Path) -> str:
 def minilm_table(work: Path, calib_n: int = 64, val_n: int = 128) -> str:
     import edgeq
     from edgeq import zoo
+    from edgeq.bench import median_ms
 
     path = zoo.export_minilm(work / "minilm.onnx")
     sentences = zoo.sample_sentences(calib_n + val_n, seed=0)
@@ -148,7 +149,7 @@ def minilm_table(work: Path, calib_n: int = 64, val_n: int = 128) -> str:
     val_batches = [zoo.minilm_inputs(sentences[calib_n + i:calib_n + i + 16]) for i in range(0, val_n, 16)]
     fp32 = edgeq.load(path)
     reference = np.concatenate([fp32.session(threads=2).run(["sentence_embedding"], b)[0] for b in val_batches])
-    rows = [["FP32", "1.0000", "1.0000", f"{_p50_ms(fp32, val_batches[0]):.1f}"]]
+    rows = [["FP32", "1.0000", "1.0000", f"{median_ms(fp32.proto, val_batches[0], 20):.1f}"]]
     recipes = [("static INT8, uint8 activations, mse (edgeq default)", {}),
                ("static INT8, int8 activations, min/max", {"activation_type": "int8", "method": "minmax"}),
                ("static INT8, uint8 activations, min/max", {"method": "minmax"})]
@@ -160,25 +161,11 @@ def minilm_table(work: Path, calib_n: int = 64, val_n: int = 128) -> str:
         q = edgeq.quantize(fp32, edgeq.Int8Static(batch_size=16, **fields), calib=calib)
         got = np.concatenate([q.session(threads=2).run(["sentence_embedding"], b)[0] for b in val_batches])
         cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
-        rows.append([label, f"{cos.mean():.4f}", f"{cos.min():.4f}", f"{_p50_ms(q, val_batches[0]):.1f}"])
+        rows.append([label, f"{cos.mean():.4f}", f"{cos.min():.4f}", f"{median_ms(q.proto, val_batches[0], 20):.1f}"])
         print("minilm", rows[-1], file=sys.stderr, flush=True)
     return "\n".join([f"**all-MiniLM-L6-v2** — static INT8 (MatMul/Gemm, per-channel weights); calibration {calib_n} sentences, "
                       f"evaluation {val_n} other sentences (Python standard-library docstrings)", "",
                       markdown_table(["recipe", "mean cosine to FP32", "min cosine", "p50 ms (16 sentences, 1 thread)"], rows), ""])
-
-
-def _p50_ms(model, feed: dict, runs: int = 20) -> float:
-    """Median latency of one batch on one thread (SmoothQuant's inserted Muls cost time: the column shows how much)."""
-    import time
-
-    session = model.session(threads=1)
-    session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
 
 
 def main() -> None:

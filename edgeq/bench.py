@@ -342,6 +342,21 @@ def data_feed(specs: list[TensorSpec], config: BenchConfig, notes: list[str] | N
     return feed
 
 
+def median_ms(proto, feed: dict[str, np.ndarray], runs: int, threads: int = 1) -> float:
+    """In-process median latency of one feed after one warm-up run: a quick ratio between models (the benchmark
+    proper, `benchmark`, runs each model in its own worker process)."""
+    from edgeq.model import make_session
+
+    session = make_session(proto, threads=threads)
+    session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000
+
+
 def random_feed(specs: list[TensorSpec], config: BenchConfig, model_label: str = "the model") -> dict[str, np.ndarray]:
     """Random inputs shaped by the specs: N(0, 1) floats, integers in [0, 100) (token ids), False for booleans.
 

@@ -53,28 +53,14 @@ def quantize_dynamic(model: Model, config: Int8Dynamic) -> tuple[Model, QuantSum
 
 def _measured_slowdown(before: Model, after: Model, runs: int = 10) -> str:
     """Median latency of both models on the same random batch of one, at 1 thread: the ratio users must see."""
-    import time
-
-    from edgeq.bench import BenchConfig, random_feed
+    from edgeq.bench import BenchConfig, median_ms, random_feed
     from edgeq.errors import UserError
-    from edgeq.model import make_session
 
     try:
         feed = random_feed(before.inputs, BenchConfig(batch=1))
     except UserError:
         return "not measured here (dynamic input dims); `edgeq bench --shape ...` measures the ratio"
-
-    def median_ms(model: Model) -> float:
-        session = make_session(model.proto, threads=1)
-        session.run(None, feed)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times)) * 1000
-
-    fp32, dynamic = median_ms(before), median_ms(after)
+    fp32, dynamic = (median_ms(model.proto, feed, runs) for model in (before, after))
     return f"measured {dynamic / fp32:.1f}× the FP32 latency ({dynamic:.2f} ms vs {fp32:.2f} ms, batch 1, 1 thread)"
 
 
