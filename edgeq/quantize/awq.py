@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 
 from edgeq.quantize.config import Int4WeightOnly
 from edgeq.quantize.packing import BlockQuant, blocked, quantize_rtn
-from edgeq.quantize.repair.graph import Weights, attr, consumers
+from edgeq.quantize.repair.graph import Names, Weights, attr, consumers
 
 if TYPE_CHECKING:
     from edgeq.quantize.int4 import ActStats, Target
@@ -170,8 +170,7 @@ class FoldGraph:
         self.users = consumers(proto)
         self.producers = {o: n for n in proto.graph.node for o in n.output}
         self.fixed = {o.name for o in proto.graph.output}
-        self.names = (set(self.weights.tensors) | set(self.users) | set(self.producers) | {i.name for i in proto.graph.input}
-                      | {n.name for n in proto.graph.node})
+        self.names = Names(proto)
 
     def producer_edits(self, act: str, group: set[int], k: int) -> tuple[str, list[Edit]] | None:
         """How to fold 1/s into what computes `act`: (kind, edits), or None when that would not be exact."""
@@ -237,25 +236,19 @@ class FoldGraph:
         if len(self.users.get(name, [])) == 1 and name not in self.fixed:
             self.weights.set(name, value)
             return
-        new = self._unique(f"{name}_awq")
+        new = self.names.fresh(f"{name}_awq")
         self.weights.add(new, value)
         node.input[index] = new
         self.users[new] = [node]
 
     def insert_mul(self, act: str, s: np.ndarray, group: list[Target]) -> None:
         """x/s by a Mul right before the group's first node; the group reads its output."""
-        inv, out = self._unique(f"{act}_awq_inv_scale"), self._unique(f"{act}_awq")
+        inv, out = self.names.fresh(f"{act}_awq_inv_scale"), self.names.fresh(f"{act}_awq")
         self.weights.add(inv, 1.0 / s)
         ids = {id(t.node) for t in group}
         first = next(i for i, n in enumerate(self.proto.graph.node) if id(n) in ids)
-        self.proto.graph.node.insert(first, helper.make_node("Mul", [act, inv], [out], name=self._unique(f"{act}_AWQ")))
+        self.proto.graph.node.insert(first, helper.make_node("Mul", [act, inv], [out], name=self.names.fresh(f"{act}_AWQ")))
         for t in group:
             t.node.input[0] = out
             t.activation = out
 
-    def _unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name

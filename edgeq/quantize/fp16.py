@@ -36,6 +36,7 @@ from edgeq.errors import ModelError
 from edgeq.model import Model, make_session
 from edgeq.quantize.config import Fp16
 from edgeq.quantize.prepare import constants_to_initializers
+from edgeq.quantize.repair.graph import Names, all_graphs, attr_graphs
 from edgeq.quantize.summary import QuantSummary
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -400,7 +401,7 @@ def _rewrite(source: onnx.ModelProto, types: dict[str, onnx.TypeProto], plan: _P
             have[name] = io_type
     wants = _wants(nodes, plan, types, graph.output, io_type)
     stats = _store_initializers(graph, wants, have, {v.name for v in graph.input})
-    names = _Names(proto)
+    names = Names(proto)
     final = {name: _with_elem(t, have.get(name, 0)) for name, t in types.items()}
     casts = _retype_outputs(graph, nodes, wants, have, final, names)
     casts += _insert_casts(nodes, wants, have, final, names)
@@ -455,35 +456,14 @@ def _store_initializers(graph: onnx.GraphProto, wants: dict, have: dict[str, int
     return stats
 
 
-class _Names:
-    """Fresh tensor and node names that collide with nothing in the model, subgraphs included."""
-
-    def __init__(self, proto: onnx.ModelProto) -> None:
-        self.used: set[str] = set()
-        for graph in _all_graphs(proto.graph):
-            self.used.update(v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info))
-            self.used.update(t.name for t in graph.initializer)
-            for node in graph.node:
-                self.used.update(node.output)
-                self.used.update(node.input)
-                self.used.add(node.name)
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
-
-
-def _cast(source: str, to: int, names: _Names, output: str | None = None) -> onnx.NodeProto:
+def _cast(source: str, to: int, names: Names, output: str | None = None) -> onnx.NodeProto:
     suffix = "fp16" if to == FLOAT16 else "fp32"
     output = output or names.fresh(f"{source}_{suffix}")
     return helper.make_node("Cast", [source], [output], name=names.fresh(f"edgeq_cast_{suffix}_{source}"), to=to)
 
 
 def _retype_outputs(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], wants: dict, have: dict[str, int],
-                    final: dict[str, onnx.TypeProto], names: _Names) -> list[onnx.NodeProto]:
+                    final: dict[str, onnx.TypeProto], names: Names) -> list[onnx.NodeProto]:
     """A graph output keeps its name and gets its wanted type: its producer writes a renamed tensor and a Cast
     writes the output name."""
     casts = []
@@ -517,7 +497,7 @@ def _rename_source(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], old: str
 
 
 def _insert_casts(nodes: list[onnx.NodeProto], wants: dict, have: dict[str, int], final: dict[str, onnx.TypeProto],
-                  names: _Names) -> list[onnx.NodeProto]:
+                  names: Names) -> list[onnx.NodeProto]:
     """One Cast per (tensor, type) where a reader wants another type than the tensor holds."""
     casts: dict[tuple[str, int], onnx.NodeProto] = {}
     for name, uses in wants.items():
@@ -535,7 +515,7 @@ def _insert_casts(nodes: list[onnx.NodeProto], wants: dict, have: dict[str, int]
 def _rewire(nodes: list[onnx.NodeProto], use: tuple, old: str, new: str) -> None:
     if use[0] == "subgraph":
         for attr in nodes[use[1]].attribute:
-            for subgraph in _attr_graphs(attr):
+            for subgraph in attr_graphs(attr):
                 _rename_reads(subgraph, old, new)
     else:
         node_index, slot = use
@@ -548,7 +528,7 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
             if name == old:
                 node.input[slot] = new
         for attr in node.attribute:
-            for subgraph in _attr_graphs(attr):
+            for subgraph in attr_graphs(attr):
                 _rename_reads(subgraph, old, new)
     for value in graph.output:
         if value.name == old:
@@ -628,26 +608,12 @@ def _with_elem(value: onnx.TypeProto | None, elem: int) -> onnx.TypeProto | None
 
 # ---------------------------------------------------------------------------------------------------- subgraphs
 
-def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    return list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
-
-
-def _all_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for subgraph in _attr_graphs(attr):
-                yield from _all_graphs(subgraph)
-
-
 def _outer_names(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope (read inside, defined nowhere inside)."""
     read, defined = set(), set()
     for attr in node.attribute:
-        for subgraph in _attr_graphs(attr):
-            for graph in _all_graphs(subgraph):
+        for subgraph in attr_graphs(attr):
+            for graph in all_graphs(subgraph):
                 defined.update(v.name for v in graph.input)
                 defined.update(t.name for t in graph.initializer)
                 for inner in graph.node:

@@ -1,4 +1,5 @@
-"""Small graph helpers shared by the repairs: initializers as numpy, consumers, weight layouts."""
+"""Small graph helpers shared by the repairs, AWQ and the FP16 converter: initializers as numpy, consumers, weight
+layouts, subgraphs, fresh names."""
 from __future__ import annotations
 
 import numpy as np
@@ -60,3 +61,39 @@ def output_channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
     if node.op_type == "MatMul" and rank == 2:
         return 1
     return None
+
+
+class Names:
+    """Fresh tensor and node names that collide with nothing in the model, subgraphs included."""
+
+    def __init__(self, proto: onnx.ModelProto) -> None:
+        self.used: set[str] = set()
+        for graph in all_graphs(proto.graph):
+            self.used.update(v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info))
+            self.used.update(t.name for t in graph.initializer)
+            for node in graph.node:
+                self.used.update(node.output)
+                self.used.update(node.input)
+                self.used.add(node.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def attr_graphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if attribute.type == onnx.AttributeProto.GRAPH:
+        return [attribute.g]
+    return list(attribute.graphs) if attribute.type == onnx.AttributeProto.GRAPHS else []
+
+
+def all_graphs(graph: onnx.GraphProto):
+    """The graph and, recursively, every subgraph of its nodes (If/Loop/Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in attr_graphs(attribute):
+                yield from all_graphs(subgraph)
