@@ -90,6 +90,16 @@ def test_equalization_improves_per_tensor_int8_on_an_imbalanced_depthwise_net(tm
     assert scores[True] > scores[False] + 3.0, scores
 
 
+def _token_model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """x [N, 5 tokens, 32] → nodes → y [N, 5, 8], opset 17, with `inits` as float32 initializers."""
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def matmul_model(seed: int = 0) -> onnx.ModelProto:
     """x → Add(bias with a few huge channels) → MatMul W1 → Relu → MatMul W2: transformer-like activation outliers."""
     rng = np.random.default_rng(seed)
@@ -100,12 +110,7 @@ def matmul_model(seed: int = 0) -> onnx.ModelProto:
              helper.make_node("MatMul", ["h", "w1"], ["m1"], name="mm1"),
              helper.make_node("Relu", ["m1"], ["r1"], name="relu"),
              helper.make_node("MatMul", ["r1", "w2"], ["y"], name="mm2")]
-    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8])],
-                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _token_model(nodes, inits)
 
 
 def test_smoothquant_keeps_fp32_outputs_and_helps_int8():
@@ -216,12 +221,7 @@ def linear_model(seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Relu", ["a1"], ["r1"], name="relu"),
              helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
              helper.make_node("Add", ["m2", "b2"], ["y"], name="add2")]
-    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8])],
-                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _token_model(nodes, inits)
 
 
 def test_bias_correction_shifts_the_float_bias_after_a_matmul():
