@@ -329,7 +329,7 @@ def _refine(search: _Search, preps: dict[str, Prepared], target: dict, calib: Da
     if name in search.records:
         step["result"] = f"{name} keeps the highest output SQNR on calibration samples ({ranking}): no evaluation spent"
     else:
-        repairs = [label for label, on in (("equalization", cle), ("bias correction", bc)) if on]
+        repairs = _recipe_repairs(cle, bc)
         (record,) = search.evaluate([(name, protos[key], {"kind": "int8", "float_layers": floats, "method": method, "repairs": repairs})])
         step["result"] = (f"{name} has the highest output SQNR on calibration samples ({ranking}); validated: drop "
                           f"{record['drop']:+.2f} vs {target['drop']:+.2f} for {target['name']}")
@@ -362,8 +362,12 @@ def _score_recipes(preps: dict[str, Prepared], target: dict, calib: Dataset, fee
     return protos, scores
 
 
+def _recipe_repairs(cle: bool, bc: bool) -> list[str]:
+    return [label for label, on in (("equalization", cle), ("bias correction", bc)) if on]
+
+
 def _recipe_label(method: str, cle: bool, bc: bool) -> str:
-    return " + ".join([method] + [label for label, on in (("equalization", cle), ("bias correction", bc)) if on])
+    return " + ".join([method] + _recipe_repairs(cle, bc))
 
 
 def _fp16_step(search: _Search, source: Model, say) -> None:
