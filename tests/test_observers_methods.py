@@ -9,6 +9,7 @@ import edgeq
 from edgeq.calibrate import METHODS, calibrate, observe
 from edgeq.calibrate.observers import (ChannelHistogramObserver, ChannelMinMaxObserver, HistogramObserver, _kl_threshold,
                                        range_of)
+from edgeq.errors import DataError
 
 
 def _smooth(p, eps=1e-4):
@@ -17,28 +18,49 @@ def _smooth(p, eps=1e-4):
     return p.astype(np.float64) + eps * zeros - (eps * n_zero / n_nonzero) * ~zeros
 
 
+def reference_kl(hist: np.ndarray, levels: int, t: int) -> float:
+    """MXNet/TensorRT's KL(P_T || Q_T) for one candidate T, written out as they loop over bins."""
+    sliced = hist[:t].astype(np.float64)
+    p = sliced.copy()
+    p[-1] += hist[t:].sum()
+    nonzero = p != 0
+    merged = t // levels
+    q = np.zeros(t)
+    for j in range(levels):
+        lo, hi = j * merged, (t if j == levels - 1 else (j + 1) * merged)
+        n = nonzero[lo:hi].sum()
+        if n:
+            q[lo:hi] = np.where(nonzero[lo:hi], sliced[lo:hi].sum() / n, 0.0)
+    return float(scipy_kl(_smooth(p), _smooth(q)))
+
+
 def brute_force_kl_threshold(hist: np.ndarray, levels: int) -> int:
-    """MXNet/TensorRT's loop, one candidate at a time (the reference the vectorised search must reproduce)."""
+    """Every candidate, one at a time (the reference the coarse-to-fine search must reproduce)."""
     used = int(np.flatnonzero(hist)[-1]) + 1
     if used <= levels:
         return used
-    best_kl, best_t = np.inf, None
-    for t in range(levels, used + 1):
-        sliced = hist[:t].astype(np.float64)
-        p = sliced.copy()
-        p[-1] += hist[t:].sum()
-        nonzero = p != 0
-        merged = t // levels
-        q = np.zeros(t)
-        for j in range(levels):
-            lo, hi = j * merged, (t if j == levels - 1 else (j + 1) * merged)
-            n = nonzero[lo:hi].sum()
-            if n:
-                q[lo:hi] = np.where(nonzero[lo:hi], sliced[lo:hi].sum() / n, 0.0)
-        kl = scipy_kl(_smooth(p), _smooth(q))
-        if kl < best_kl:
-            best_kl, best_t = kl, t
-    return best_t
+    kls = {t: reference_kl(hist, levels, t) for t in range(levels, used + 1)}
+    return min(kls, key=kls.get)
+
+
+@pytest.mark.parametrize("case", ["laplace", "relu", "far_from_zero", "sparse"])
+def test_prefix_sum_kl_equals_the_reference_for_every_candidate(case):
+    """The O(levels) score of each candidate equals the bin-by-bin reference, including the smoothing of empty bins
+    (many of them in the sparse and far-from-zero cases, whose first groups of Q are empty)."""
+    from edgeq.calibrate.observers import _KLTables
+
+    rng = np.random.default_rng(3)
+    x = {"laplace": rng.laplace(0, 1, 20_000), "relu": np.maximum(rng.normal(0, 1, 20_000), 0),
+         "far_from_zero": rng.uniform(3, 9, 5_000), "sparse": rng.exponential(1, 300)}[case].astype(np.float32)
+    obs = HistogramObserver(bins=1024)
+    obs.update(x)
+    folded = (obs.counts[512:] + obs.counts[:512][::-1]).astype(np.float64)
+    levels = 128
+    used = int(np.flatnonzero(folded)[-1]) + 1
+    candidates = np.arange(levels, used + 1)
+    expected = np.array([reference_kl(folded, levels, t) for t in candidates])
+    np.testing.assert_allclose(_KLTables(folded[:used], levels).scores(candidates), expected, rtol=1e-9,
+                               atol=1e-12 * expected.max())
 
 
 @pytest.mark.parametrize("case", ["laplace", "relu", "outlier"])
@@ -118,6 +140,38 @@ def test_holdout_batches_never_reach_the_observers(conv_model_path, conv_data):
     x = np.load(conv_data)["x"]
     kept = np.concatenate([x[i * 10:(i + 1) * 10] for i in range(20) if i % 5 != 4])
     assert seen.observers["x"].range() == (float(kept.min()), float(kept.max()))
+
+
+def test_parallel_workers_observe_exactly_what_one_does(conv_model_path, conv_data, monkeypatch):
+    """Batches are observed by several threads in whatever order they finish: every histogram, range, sample count
+    and held-back batch is the same as with one thread."""
+    import edgeq.calibrate as calibration
+
+    model, data = edgeq.load(conv_model_path), edgeq.Dataset.from_npz(conv_data)
+    seen = {}
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(calibration, "WORKERS", workers)
+        seen[workers] = observe(model, data, batch_size=7, holdout=True)
+    for workers in (2, 3):
+        assert seen[workers].samples == seen[1].samples == 200 - 35
+        assert [b.inputs["x"].tobytes() for b in seen[workers].holdout] == [b.inputs["x"].tobytes() for b in seen[1].holdout]
+        assert seen[workers].observers.keys() == seen[1].observers.keys()
+        for name, obs in seen[1].observers.items():
+            np.testing.assert_array_equal(seen[workers].observers[name].counts, obs.counts)
+            assert seen[workers].observers[name].minmax == obs.minmax
+
+
+def test_an_error_in_any_worker_reaches_the_caller(conv_model_path):
+    """Bad data in a late batch, read by whichever worker pulls it: a DataError for the caller, no hang."""
+    def source():
+        for i in range(12):
+            x = np.ones((4, 1, 8, 8), np.float32)
+            if i == 9:
+                x[0, 0, 0, 0] = np.nan
+            yield {"x": x}
+
+    with pytest.raises(DataError, match="NaN"):
+        calibrate(edgeq.load(conv_model_path), edgeq.Dataset(source, length=48), method="entropy", batch_size=4)
 
 
 def _streamed(n: int) -> edgeq.Dataset:

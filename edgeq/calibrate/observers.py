@@ -6,6 +6,7 @@ so merging batches in any order gives the same counts as one pass over all the d
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,25 @@ class MinMaxObserver:
 
     def range(self) -> tuple[float, float]:
         return (self.low, self.high) if self.low <= self.high else (0.0, 0.0)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's float32 and index work arrays, at least `size` long, reused across updates: a fresh multi-MB
+    temporary per tensor and batch costs page faults, and its unmapping stalls the other cores (inference runs on them
+    meanwhile); two binning threads ran 3× slower with temporaries than with reused buffers."""
+    scaled, index = getattr(_SCRATCH, "arrays", (np.empty(0, np.float32), np.empty(0, np.intp)))
+    if len(scaled) < size:
+        scaled, index = np.empty(size, np.float32), np.empty(size, np.intp)
+        _SCRATCH.arrays = scaled, index
+    return scaled[:size], index[:size]
+
+
+def release_scratch() -> None:
+    """Free this thread's work arrays (calibration calls it when its pass ends)."""
+    _SCRATCH.__dict__.pop("arrays", None)
 
 
 @dataclass
@@ -62,11 +82,12 @@ class HistogramObserver:
         # is exact too (integers up to `bins`). Only underflow loses information: a tiny negative value that scales to
         # -0.0 still belongs just below zero, and only a factor below 1 can underflow.
         factor = np.float32(self.bins / (2 * self.half_width))
-        scaled = np.multiply(x, factor)
+        scaled, index = _scratch(x.size)
+        np.multiply(x, factor, out=scaled)
         below_zero = np.flatnonzero((scaled == 0) & (x < 0)) if factor < 1 and low < 0 else None
         np.floor(scaled, out=scaled)
         scaled += np.float32(self.bins // 2)
-        index = scaled.astype(np.intp)
+        np.copyto(index, scaled, casting="unsafe")
         if below_zero is not None and below_zero.size:
             index[below_zero] -= 1
         self.counts += np.bincount(index, minlength=self.bins)
@@ -135,9 +156,9 @@ class HistogramObserver:
 
         As NVIDIA's pytorch-quantization does: 128 levels for signed data and 256 for one-sided data (the levels a
         signed or unsigned 8-bit type has on that side), and the zero bin counted like its neighbour, so that the
-        spike of exact zeros after a ReLU does not decide the threshold. Every candidate threshold is scored at once
-        (a thresholds × bins matrix), not in a Python loop per threshold. The range never extends beyond the
-        observed min and max.
+        spike of exact zeros after a ReLU does not decide the threshold. Candidate thresholds are scored in
+        batches from prefix sums, not in a Python loop per threshold. The range never extends beyond the observed
+        min and max.
 
         >>> obs = HistogramObserver()
         >>> obs.update(np.concatenate([np.random.default_rng(0).normal(size=100_000), [40.0]]).astype(np.float32))
@@ -162,23 +183,24 @@ COARSE_CANDIDATES, REFINE_FACTOR, REFINED_MINIMA = 48, 4, 6
 
 
 def _kl_threshold(hist: np.ndarray, quantized_bins: int, exhaustive: bool = False) -> int:
-    """Number of histogram bins T that minimises KL(P_T || Q_T) (TensorRT / MXNet's calibration, vectorised).
+    """Number of histogram bins T that minimises KL(P_T || Q_T) (TensorRT / MXNet's calibration, from prefix sums).
 
     P_T: the first T bins, everything beyond added to bin T-1. Q_T: P_T's first T bins merged into `quantized_bins`
     groups (T // quantized_bins bins each, the remainder in the last group), each group's mass spread evenly over its
     non-empty bins. Both are smoothed (zeros get eps, taken from the non-zeros) as the reference implementations do.
-    Unless `exhaustive`, a coarse grid of about 48 candidates is refined around its 6 best on grids 4× finer, down
-    to single bins: 6× fewer candidates than every bin on PP-OCR det's 329 activations, where it finds the
-    exhaustive minimum for 325 (the other 4 within 3.1% of its KL; refining only around the single best missed 23).
+    `hist` holds counts (every non-empty bin at least 1). Unless `exhaustive`, a coarse grid of about 48 candidates is
+    refined around its 6 best on grids 4× finer, down to single bins: 6× fewer candidates than every bin on PP-OCR
+    det's 329 activations, where it finds the exhaustive minimum for 325 (the other 4 within 3.1% of its KL;
+    refining only around the single best missed 23).
     """
     used = int(np.flatnonzero(hist)[-1]) + 1
     if used <= quantized_bins:
         return used
+    tables = _KLTables(hist[:used], quantized_bins)
     candidates = np.arange(quantized_bins, used + 1)
-    tables = (np.concatenate([[0.0], np.cumsum(hist)]), np.concatenate([[0], np.cumsum(hist > 0)]))
     stride = 1 if exhaustive else max(1, -(-len(candidates) // COARSE_CANDIDATES))
-    coarse = np.unique(np.append(candidates[::stride], used))
-    scores = dict(zip(coarse.tolist(), _kl_scores(hist, quantized_bins, coarse, tables).tolist()))
+    coarse = candidates[::stride] if candidates[::stride][-1] == used else np.append(candidates[::stride], used)
+    scores = dict(zip(coarse.tolist(), tables.scores(coarse).tolist()))
     while stride > 1:  # around the best few, a finer grid, down to every bin
         finer = max(1, stride // REFINE_FACTOR)
         near = set()
@@ -186,56 +208,76 @@ def _kl_threshold(hist: np.ndarray, quantized_bins: int, exhaustive: bool = Fals
             near.update(range(max(quantized_bins, best - stride), min(used, best + stride) + 1, finer))
         fine = np.array(sorted(near - scores.keys()), dtype=np.int64)
         if len(fine):
-            scores.update(zip(fine.tolist(), _kl_scores(hist, quantized_bins, fine, tables).tolist()))
+            scores.update(zip(fine.tolist(), tables.scores(fine).tolist()))
         stride = finer
     return min(scores, key=lambda t: (scores[t], t))
 
 
-def _kl_scores(hist: np.ndarray, quantized_bins: int, candidates: np.ndarray, tables, chunk: int = 24) -> np.ndarray:
-    """KL(P_T || Q_T) for each candidate T (ascending), a chunk of candidates × bins at a time. Bins at or beyond a
-    chunk's largest T are outside every P_T of the chunk, so a chunk only spans that many bins (half the work of
-    spanning all `used` bins on a uniform grid of candidates)."""
-    cumsum, nonzero_cum = tables
-    total = cumsum[-1]
-    out = np.empty(len(candidates))
-    for start in range(0, len(candidates), chunk):
-        t = candidates[start:start + chunk, None]                       # (k, 1)
-        width = int(t.max())
-        b = np.arange(width)[None, :]                                   # (1, width)
-        inside = b < t
-        merged = t // quantized_bins
-        group = np.minimum(b // merged, quantized_bins - 1)             # (k, width)
-        group_lo = np.arange(quantized_bins)[None, :] * merged          # (k, q)
-        group_hi = np.where(np.arange(quantized_bins)[None, :] == quantized_bins - 1, t, group_lo + merged)
-        mass = cumsum[group_hi] - cumsum[group_lo]                      # Q's groups hold the unclipped bins only
-        p = np.where(inside, hist[None, :width], 0.0)
-        last = t[:, 0] - 1
-        tail = total - cumsum[t[:, 0]]
-        p[np.arange(len(t)), last] += tail                              # the clipped tail lands in P's last bin
-        filled = (nonzero_cum[group_hi] - nonzero_cum[group_lo]).astype(np.float64)
-        filled[:, -1] += (hist[last] == 0) & (tail > 0)                 # ... which makes that bin non-empty
-        per_bin = np.where(filled > 0, mass / np.maximum(filled, 1), 0.0)
-        q = np.where(p > 0, np.take_along_axis(per_bin, group, axis=1), 0.0)
-        out[start:start + len(t)] = _smoothed_kl(p, q, inside)
-    return out
+class _KLTables:
+    """Prefix sums over a histogram that score any candidate T in O(quantized_bins) instead of O(T).
+
+    With e = eps · zeros / non-zeros (the smoothing taken from each non-empty bin), KL(P_T || Q_T) · total splits
+    into Σ (p - e) log(p - e) over P's non-empty bins, minus Σ over Q's groups of their smoothed mass times
+    log(per-bin value - e_Q), plus closed forms for the smoothed empty bins. Only the first sum depends on every bin
+    and on e, which changes with T; a Taylor series in e, (x - e) log(x - e) = x log x - e (log x + 1) +
+    Σₖ eᵏ / (k (k-1) xᵏ⁻¹), turns it into prefix sums of x log x, log x and x¹⁻ᵏ (e ≤ eps · T ≪ 1 ≤ x, so a few terms
+    reach float64 precision). The last bin of P_T (which takes the clipped tail) is scored exactly.
+    """
+
+    def __init__(self, hist: np.ndarray, quantized_bins: int, eps: float = 1e-4) -> None:
+        self.hist, self.levels, self.eps = hist.astype(np.float64), quantized_bins, eps
+        self.total = float(self.hist.sum())
+        nonzero = self.hist > 0
+        x = np.where(nonzero, self.hist, 1.0)
+        self.counts, self.filled = _prefix(self.hist), _prefix(nonzero.astype(np.float64))
+        t = np.arange(quantized_bins, len(x) + 1)   # the largest e / x any candidate T can see
+        ratio = eps * float(np.max((t - self.filled[t]) / np.maximum(self.filled[t], 1))) / x[nonzero].min()
+        terms = max(2, math.ceil(-37.0 / math.log(min(max(ratio, 1e-300), 0.5))))  # ratioᵗᵉʳᵐˢ < 1e-16
+        series = [x * np.log(x), np.log(x) + 1.0] + [x ** (1 - k) for k in range(2, terms + 1)]
+        self.series = [_prefix(np.where(nonzero, s, 0.0)) for s in series]
+        self.coefficients = [1.0, -1.0] + [1.0 / (k * (k - 1)) for k in range(2, terms + 1)]
+
+    def scores(self, candidates: np.ndarray) -> np.ndarray:
+        """KL(P_T || Q_T) for each candidate T."""
+        t = candidates.astype(np.int64)
+        eps, levels, total = self.eps, self.levels, self.total
+        last_count = self.hist[t - 1]
+        tail = total - self.counts[t]
+        tail_fills_last = (last_count == 0) & (tail > 0)              # the clipped tail makes P's last bin non-empty
+        p_nonzero = self.filled[t] + tail_fills_last
+        p_zeros = t - p_nonzero
+        e_p = eps * p_zeros / np.maximum(p_nonzero, 1)
+        # Q's groups: bins [edge j, edge j+1), the last one up to T; mass from the unclipped bins only
+        edges = np.arange(levels + 1)[None, :] * (t // levels)[:, None]
+        edges[:, -1] = t
+        mass = np.diff(self.counts[edges], axis=1)
+        filled = np.diff(self.filled[edges], axis=1)
+        filled[:, -1] += tail_fills_last
+        tail_only = (mass[:, -1] == 0) & (tail > 0)                   # Q's last group is empty: its one P bin has q = 0
+        q_zeros = p_zeros + tail_only
+        q_nonzero = t - q_zeros
+        e_q = eps * q_zeros / np.maximum(q_nonzero, 1)
+        q_total = self.counts[t] - e_q * q_nonzero + eps * q_zeros    # Σ of smoothed Q (P's is `total`)
+        log_ratio = np.log(q_total / total)
+        # Σ (p - e_p) log(p - e_p) over P's non-empty bins: the first T-1 from the series, the last one exactly
+        powers = e_p[None, :] ** np.arange(len(self.series))[:, None]
+        head = sum(c * pw * s[t - 1] for c, pw, s in zip(self.coefficients, powers, self.series))
+        last = np.where(tail_only, 0.0, last_count + tail - e_p)
+        head += np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
+        # Σ over Q's non-empty groups of their smoothed P mass (the tail in the last) × log(smoothed per-bin q)
+        counted = mass > 0
+        per_bin = np.divide(mass, filled, out=np.zeros_like(mass), where=counted)
+        log_q = np.log(per_bin - e_q[:, None], out=per_bin, where=counted)
+        cross = ((mass - e_p[:, None] * filled) * log_q).sum(axis=1) + tail * log_q[:, -1]
+        matched = total - e_p * p_nonzero - np.where(tail_only, tail - e_p, 0.0)  # Σ smoothed p where q is non-zero
+        kl = head - cross + log_ratio * (matched + eps * p_zeros)
+        lone = tail - e_p                                              # P's tail bin facing an empty Q bin (smoothed to eps)
+        kl += np.where(tail_only, lone * (np.log(np.where(tail_only, lone, 1.0)) - math.log(eps) + log_ratio), 0.0)
+        return kl / total
 
 
-def _smoothed_kl(p: np.ndarray, q: np.ndarray, inside: np.ndarray, eps: float = 1e-4) -> np.ndarray:
-    """Row-wise KL(p || q) over the `inside` bins after MXNet/ONNX Runtime's smoothing of zero bins."""
-    def smooth(d: np.ndarray) -> np.ndarray:
-        zeros = inside & (d == 0)
-        n_zero = zeros.sum(axis=1, keepdims=True)
-        n_nonzero = inside.sum(axis=1, keepdims=True) - n_zero
-        eps1 = eps * n_zero / np.maximum(n_nonzero, 1)
-        out = np.where(zeros, eps, d - eps1 * (inside & (d != 0)))
-        return np.where(inside, out, 0.0)
-
-    ps, qs = smooth(p), smooth(q)
-    ps /= ps.sum(axis=1, keepdims=True)
-    qs /= np.maximum(qs.sum(axis=1, keepdims=True), 1e-300)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(inside & (ps > 0), ps * np.log(ps / np.where(qs > 0, qs, 1e-300)), 0.0)
-    return terms.sum(axis=1)
+def _prefix(values: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(values)])
 
 
 def _expected_errors(values: np.ndarray, weights: np.ndarray, lows: np.ndarray, highs: np.ndarray, levels: int) -> np.ndarray:
