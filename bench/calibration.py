@@ -7,7 +7,7 @@ rapidocr package's): rendered text pages, 16 / 64 samples (ONNX Runtime keeps ev
 memory: 64 pages already take GBs); probability-map MAD, text-region IoU and cosine against FP32.
 Per variant: wall time of the whole quantizing process and of its calibration phase alone (running the model over
 the data and computing ranges), and peak memory (each quantization in its own process, VmHWM; digits: the median
-time of 3 processes).
+time of 5 processes).
 
     PYTHONPATH=. .venv/bin/python bench/calibration.py          # prints markdown for bench/RESULTS.md
 """
@@ -28,7 +28,7 @@ EDGEQ = ("minmax", "percentile", "entropy", "mse", "auto")
 ORT = ("MinMax", "Entropy", "Percentile")
 BATCH = 20  # divides every size: ONNX Runtime's histogram calibrators crash on a smaller last batch
 OCR_SIZES, OCR_SIDE, OCR_VAL, OCR_BATCH = (16, 64), 256, 8, 4
-DIGITS_REPEATS = 3  # the digits runs take tenths of a second: the median of 3 processes steadies the ratios
+DIGITS_REPEATS = 5  # the digits runs take tenths of a second: the median of 5 processes steadies the ratios
 
 
 def child(variant: str, model: str, calib: str, out: str, ort_per_channel: str = "1") -> None:
@@ -215,7 +215,7 @@ def report(rows: list[dict], heading: str, quality_headers: list[str], quality_k
     """The table, then per variant how memory and time grow with the calibration size, then per size the entropy
     speed ratio and each tool's best score (`score`, higher is better)."""
     table = [[r["samples"], r["variant"] + (f" (chose {r['chosen']})" if r.get("chosen") else ""), f"{r['seconds']:.2f}",
-              f"{r['calibration_seconds']:.2f}", f"{r['peak_mb']:.0f}"]
+              f"{r['calibration_seconds']:.3f}", f"{r['peak_mb']:.0f}"]
              + [f"{r[k]:.4f}" if isinstance(r[k], float) else r[k] for k in quality_keys] for r in rows]
     lines = [heading, "", markdown_table(["calibration samples", "variant", "quantize s (whole process)", "calibration s", "peak MB"]
                                          + quality_headers, table), ""]
