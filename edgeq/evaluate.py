@@ -26,7 +26,7 @@ import numpy as np
 from edgeq.data import Batch, Dataset, batches, conform, count_nonfinite, open_data
 from edgeq.decide import DecisionRule, decide
 from edgeq.errors import ConfigError, DataError, ModelError, UserError
-from edgeq.model import Model, load
+from edgeq.model import Model, load, run_session
 
 RECORD_KIND = "edgeq.validation"
 RECORD_VERSION = 1
@@ -204,12 +204,7 @@ def _output_name(model: Model, output: str | None) -> str:
 
 
 def _run(session: Any, output: str, feed: dict[str, np.ndarray], label: str, where: str) -> np.ndarray:
-    try:
-        return np.asarray(session.run([output], feed)[0])
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"ONNX Runtime failed to run {label} on {where}: {first}",
-                         "check that the data matches the model's inputs (shapes, dtypes, value ranges)") from None
+    return np.asarray(run_session(session, [output], feed, label, where)[0])
 
 
 @dataclass

@@ -168,11 +168,23 @@ def make_session(proto_or_path: onnx.ModelProto | str | Path, threads: int = 1, 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its errors reach the user as exceptions, turned into one line
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(session, outputs: list[str] | None, feed: dict[str, np.ndarray], label: str, where: str) -> list:
+    """`session.run`, with ONNX Runtime's failure on the user's data (a reshape to a size the data does not have, an
+    index out of range) as a ModelError naming the model and the data."""
+    try:
+        return session.run(outputs, feed)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : |/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\) ?", "", first)[:300]
+        raise ModelError(f"ONNX Runtime failed to run {label} on {where}: {first}",
+                         "check that the data matches the model's inputs (shapes, dtypes, value ranges)") from None
 
 
 def ort_session(source: bytes | str, options):

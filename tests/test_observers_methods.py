@@ -198,6 +198,54 @@ def test_calibration_memory_is_constant_in_the_number_of_samples(conv_model_path
     assert peaks[1] <= 1.10 * peaks[0] + 64 * 1024, peaks
 
 
+def _attention_like_model() -> "onnx.ModelProto":
+    """x → MatMul → Reshape → Transpose → MatMul (a quantized chain: the reshapes share the MatMul output's scale)
+    and x → Mul → Reshape → Transpose → MatMul (Mul is not quantized: the Transpose output needs its own range)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name) for name, shape in
+               (("w1", (16, 16)), ("w2", (4, 4)), ("w3", (4, 4)), ("half", (1,)))]
+    shape = numpy_helper.from_array(np.array([0, 4, 4], np.int64), "shape")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Reshape", ["h", "shape"], ["h_r"], name="r1"),
+             helper.make_node("Transpose", ["h_r"], ["h_t"], perm=[0, 2, 1], name="t1"),
+             helper.make_node("MatMul", ["h_t", "w2"], ["a"], name="mm2"),
+             helper.make_node("Mul", ["x", "half"], ["m"], name="mul"),
+             helper.make_node("Reshape", ["m", "shape"], ["m_r"], name="r2"),
+             helper.make_node("Transpose", ["m_r"], ["m_t"], perm=[0, 2, 1], name="t2"),
+             helper.make_node("MatMul", ["m_t", "w3"], ["b"], name="mm3")]
+    graph = helper.make_graph(nodes, "attention_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 4, 4]) for n in ("a", "b")],
+                              weights + [shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_reshapes_of_a_quantized_tensor_need_no_range_and_the_model_is_the_same(tmp_path, monkeypatch):
+    """Replaying ONNX Runtime's pass: a Reshape/Transpose after a quantized MatMul shares its scale (not observed),
+    one after an unquantized Mul is quantized by its consumer (observed); the QDQ model is byte-identical to one
+    calibrated on every tensor."""
+    import importlib
+
+    import onnx
+
+    from edgeq.calibrate import quantized_tensors
+
+    int8 = importlib.import_module("edgeq.quantize.int8")
+    model = _attention_like_model()
+    path = tmp_path / "attention_like.onnx"
+    onnx.save(model, path)
+    config = edgeq.Int8Static(method="entropy")
+    needed = quantized_tensors(model, config.op_types)
+    assert {"h_r", "h_t", "m", "m_r"}.isdisjoint(needed) and {"x", "h", "m_t", "a", "b"} <= set(needed)
+    data = edgeq.Dataset.from_arrays({"x": np.random.default_rng(1).normal(0, 1, (64, 16)).astype(np.float32)})
+    fewer = edgeq.quantize(path, config, calib=data)
+    monkeypatch.setattr(int8, "quantized_tensors", lambda proto, ops, exclude=(): None)
+    everything = edgeq.quantize(path, config, calib=data)
+    assert fewer.proto.SerializeToString() == everything.proto.SerializeToString()
+
+
 def test_calibrating_only_the_needed_tensors_gives_the_same_model(conv_model_path, conv_data, monkeypatch):
     """Static INT8 observes only the tensors the quantizer reads ranges of (no pre-ReLU outputs, no outputs that take
     their input's scale): the QDQ model is byte-identical to one calibrated on every tensor."""

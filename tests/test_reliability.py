@@ -184,6 +184,21 @@ def test_model_that_overflows_on_calibration_data_is_a_user_error(work):
         quantize_fails(work, "overflow.onnx", "--calib", "tens.npz", "--method", method, words=("'c1x' holds NaN/Inf", "overflows float32"))
 
 
+def test_model_that_fails_at_run_time_on_the_data_is_a_user_error(work):
+    """The data fits the declared input (a symbolic dim) but not what the model computes with: a Reshape to 4×4
+    of 8 values. ONNX Runtime fails inside a calibration worker; the user gets one line, not a bug report."""
+    weight = numpy_helper.from_array(RNG.normal(0, 0.3, (8, 8)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([0, 4, 4], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Reshape", ["h", "shape"], ["y"], name="r")],
+        "reshape", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4, 4])], [weight, shape])
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), work / "reshape.onnx")
+    np.savez(work / "eights.npz", x=RNG.normal(0, 1, (40, 8)).astype(np.float32))
+    quantize_fails(work, "reshape.onnx", "--calib", "eights.npz",
+                   words=("ONNX Runtime failed to run the model on the calibration data", "eights.npz", "cannot be reshaped"))
+
+
 def test_custom_op_in_dynamic_mode_is_a_user_error(work):
     save_model(with_node_after_relu2("MyOp", "com.example"), work / "custom.onnx")
     quantize_fails(work, "custom.onnx", "--mode", "dynamic", words=("com.example:MyOp",))
