@@ -142,6 +142,23 @@ def test_holdout_batches_never_reach_the_observers(conv_model_path, conv_data):
     assert seen.observers["x"].range() == (float(kept.min()), float(kept.max()))
 
 
+def test_binning_in_chunks_equals_binning_at_once(monkeypatch):
+    """Updates bin CHUNK values at a time; chunk edges change nothing, tiny negatives (which underflow to -0.0 and
+    still belong below zero) included."""
+    from edgeq.calibrate import observers
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 1, 5000), [-1e-30, 1e-30, -0.0, 300.0]]).astype(np.float32)
+    rng.shuffle(x)
+    whole = HistogramObserver()
+    whole.update(x)
+    monkeypatch.setattr(observers, "CHUNK", 64)
+    chunked = HistogramObserver()
+    chunked.update(x)
+    np.testing.assert_array_equal(chunked.counts, whole.counts)
+    assert chunked.counts[whole.bins // 2 - 1] >= 1  # -1e-30 sits just below zero
+
+
 def test_parallel_workers_observe_exactly_what_one_does(conv_model_path, conv_data, monkeypatch):
     """Batches are observed by several threads in whatever order they finish: every histogram, range, sample count
     and held-back batch is the same as with one thread."""
