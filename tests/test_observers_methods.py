@@ -216,14 +216,16 @@ def test_calibration_memory_is_constant_in_the_number_of_samples(conv_model_path
 
 
 def _attention_like_model() -> "onnx.ModelProto":
-    """x → MatMul → Reshape → Transpose → MatMul (a quantized chain: the reshapes share the MatMul output's scale)
-    and x → Mul → Reshape → Transpose → MatMul (Mul is not quantized: the Transpose output needs its own range)."""
+    """x → MatMul → Reshape → Transpose → MatMul (a quantized chain: the reshapes share the MatMul output's scale),
+    x → Mul → Reshape → Transpose → MatMul (Mul is not quantized: the Transpose output needs its own range) and
+    x → Add → Relu → Reshape → MatMul (a Relu after an unquantized op quantizes nothing: the Reshape output needs
+    its own range)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name) for name, shape in
-               (("w1", (16, 16)), ("w2", (4, 4)), ("w3", (4, 4)), ("half", (1,)))]
+               (("w1", (16, 16)), ("w2", (4, 4)), ("w3", (4, 4)), ("w4", (4, 4)), ("half", (1,)))]
     shape = numpy_helper.from_array(np.array([0, 4, 4], np.int64), "shape")
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
              helper.make_node("Reshape", ["h", "shape"], ["h_r"], name="r1"),
@@ -232,9 +234,13 @@ def _attention_like_model() -> "onnx.ModelProto":
              helper.make_node("Mul", ["x", "half"], ["m"], name="mul"),
              helper.make_node("Reshape", ["m", "shape"], ["m_r"], name="r2"),
              helper.make_node("Transpose", ["m_r"], ["m_t"], perm=[0, 2, 1], name="t2"),
-             helper.make_node("MatMul", ["m_t", "w3"], ["b"], name="mm3")]
+             helper.make_node("MatMul", ["m_t", "w3"], ["b"], name="mm3"),
+             helper.make_node("Add", ["x", "half"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["s_r"], name="relu"),
+             helper.make_node("Reshape", ["s_r", "shape"], ["s_v"], name="r3"),
+             helper.make_node("MatMul", ["s_v", "w4"], ["c"], name="mm4")]
     graph = helper.make_graph(nodes, "attention_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 4, 4]) for n in ("a", "b")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 4, 4]) for n in ("a", "b", "c")],
                               weights + [shape])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -254,8 +260,8 @@ def test_reshapes_of_a_quantized_tensor_need_no_range_and_the_model_is_the_same(
     path = tmp_path / "attention_like.onnx"
     onnx.save(model, path)
     config = edgeq.Int8Static(method="entropy")
-    needed = quantized_tensors(model, config.op_types)
-    assert {"h_r", "h_t", "m", "m_r"}.isdisjoint(needed) and {"x", "h", "m_t", "a", "b"} <= set(needed)
+    needed = quantized_tensors(onnx.shape_inference.infer_shapes(model), config.op_types)  # typed, as prepared
+    assert {"h_r", "h_t", "m", "m_r"}.isdisjoint(needed) and {"x", "h", "m_t", "a", "b", "s_r", "s_v"} <= set(needed)
     data = edgeq.Dataset.from_arrays({"x": np.random.default_rng(1).normal(0, 1, (64, 16)).astype(np.float32)})
     fewer = edgeq.quantize(path, config, calib=data)
     monkeypatch.setattr(int8, "quantized_tensors", lambda proto, ops, exclude=(): None)
