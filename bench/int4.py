@@ -59,7 +59,10 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
             algo = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=npz_reader(Path(calib), batch=8), block_size=BLOCK)
         else:
             algo = mnb.HQQWeightOnlyQuantConfig(block_size=BLOCK)
-        quantizer = mnb.MatMulNBitsQuantizer(onnx.load(model), algo_config=algo)
+        # The group size of ONNX Runtime's GPTQ is the quantizer's block_size (its config's block_size is GPTQ's column
+        # block): without it, ORT GPTQ silently used 128-wide groups while every other variant used BLOCK.
+        quantizer = mnb.MatMulNBitsQuantizer(onnx.load(model), block_size=BLOCK, is_symmetric=True, accuracy_level=4,
+                                             algo_config=algo)
         quantizer.process()
         declare_ms_domain(quantizer.model.model)
         quantizer.model.save_model_to_file(out, use_external_data_format=False)
