@@ -23,7 +23,7 @@ from _common import emit, markdown_table, npz_reader, peak_rss_mb, run_child  # 
 
 BLOCK = 32
 VARIANTS = ("int8-dynamic", "edgeq-rtn", "edgeq-rtn-qdq", "edgeq-gptq", "edgeq-awq", "edgeq-gptq-mixed", "edgeq-gptq+emb", "ort-rtn",
-            "ort-gptq", "ort-hqq")
+            "ort-gptq", "ort-gptq-asym", "ort-hqq")
 
 
 def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
@@ -55,14 +55,15 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
 
         if variant == "ort-rtn":
             algo = mnb.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, accuracy_level=4)
-        elif variant == "ort-gptq":
+        elif variant.startswith("ort-gptq"):
             algo = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=npz_reader(Path(calib), batch=8), block_size=BLOCK)
         else:
             algo = mnb.HQQWeightOnlyQuantConfig(block_size=BLOCK)
         # The group size of ONNX Runtime's GPTQ is the quantizer's block_size (its config's block_size is GPTQ's column
-        # block): without it, ORT GPTQ silently used 128-wide groups while every other variant used BLOCK.
-        quantizer = mnb.MatMulNBitsQuantizer(onnx.load(model), block_size=BLOCK, is_symmetric=True, accuracy_level=4,
-                                             algo_config=algo)
+        # block): without it, ORT GPTQ silently used 128-wide groups while every other variant used BLOCK. Its GPTQ
+        # runs symmetric like edgeq's, and asymmetric (its default scheme) as `ort-gptq-asym`.
+        quantizer = mnb.MatMulNBitsQuantizer(onnx.load(model), block_size=BLOCK, is_symmetric=variant != "ort-gptq-asym",
+                                             accuracy_level=4, algo_config=algo)
         quantizer.process()
         declare_ms_domain(quantizer.model.model)
         quantizer.model.save_model_to_file(out, use_external_data_format=False)

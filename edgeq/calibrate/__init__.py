@@ -142,9 +142,9 @@ def _in_parallel(stream, held_back, observe_batch) -> int:
             while not stop.is_set():
                 with pull:
                     index, batch = next(iterator, (None, None))
-                    if batch is None or held_back(index, batch):
-                        if batch is None:
-                            return
+                    if batch is None:
+                        return
+                    if held_back(index, batch):
                         continue
                 counts.append(observe_batch(batch))
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, raised there
