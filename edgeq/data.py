@@ -123,7 +123,7 @@ class Dataset:
     """Samples for calibration or validation, from any iterable (NNCF-style).
 
     `source` yields items; `transform` turns one item into a Batch (or a dict of arrays, or one array for a
-    single-input model). Sample counts are known for file sources.
+    single-input model). File sources know how many samples they hold (`samples(model inputs)`).
 
     >>> ds = Dataset.from_arrays({"x": np.zeros((10, 3), np.float32)}, labels=np.arange(10))
     >>> len(ds), next(ds.chunks()).size
@@ -135,6 +135,12 @@ class Dataset:
     length: int | None = None
     description: str = "data"
     notes: list[str] = field(default_factory=list)
+    counter: Callable[[list[TensorSpec]], int | None] | None = None  # for sources whose count needs the model
+
+    def samples(self, specs: list[TensorSpec]) -> int | None:
+        """How many samples the model will see: the known length, or (a folder of .npy files, each one sample or a
+        stack, which only the model's input rank tells apart) the count from the files' headers; None if unknown."""
+        return self.counter(specs) if self.counter else self.length
 
     def __len__(self) -> int:
         if self.length is None:
@@ -203,7 +209,7 @@ class Dataset:
             for i, f in enumerate(files):
                 yield Batch({"": _read_npy(f)}, None if labels is None else np.asarray(labels[i:i + 1]), unbatched=True)
 
-        return cls(source, length=len(files), description=str(folder))
+        return cls(source, description=str(folder), counter=lambda specs: _npy_sample_count(files, specs))
 
     @classmethod
     def from_image_dir(cls, path: str | Path, preset: ImagePreset | str = "raw") -> "Dataset":
@@ -237,6 +243,26 @@ def _read_npy(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False, mmap_mode="r")
     except _UNREADABLE as exc:
         raise _unreadable(path, exc, "numpy.save") from None
+
+
+def _npy_sample_count(files: list[Path], specs: list[TensorSpec]) -> int | None:
+    """Samples in a folder of .npy files for a single-input model: a file of the input's rank is a stack, one rank
+    lower a single sample. None when a file cannot be read or fits neither (reading it will say why)."""
+    if len(specs) != 1 or specs[0].rank is None:
+        return None
+    total = 0
+    for path in files:
+        try:
+            shape = np.load(path, allow_pickle=False, mmap_mode="r").shape  # the header only
+        except _UNREADABLE:
+            return None
+        if len(shape) == specs[0].rank and shape:
+            total += shape[0]
+        elif len(shape) == specs[0].rank - 1:
+            total += 1
+        else:
+            return None
+    return total
 
 
 def _unreadable(path: Path, exc: Exception, writer: str) -> DataError:

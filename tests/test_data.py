@@ -73,3 +73,15 @@ def test_float64_data_is_accepted_for_float32_inputs_but_ints_are_not():
     assert next(batches(ds, NCHW)).inputs["x"].dtype == np.float32
     with pytest.raises(edgeq.UserError, match="int64"):
         next(batches(edgeq.Dataset.from_arrays({"x": np.zeros((2, 3, 16, 24), np.int64)}), NCHW))
+
+
+def test_npy_folder_counts_stacks_and_single_samples_as_the_model_sees_them(tmp_path):
+    """Each .npy file holds one sample (rank - 1) or a stack (the input's rank): only the model tells which, so the
+    count (for progress bars) comes from the files' headers and the model's inputs, and matches what is batched."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "0.npy", rng.normal(size=(5, 3, 16, 24)).astype(np.float32))
+    np.save(tmp_path / "1.npy", rng.normal(size=(3, 16, 24)).astype(np.float32))
+    data = edgeq.Dataset.from_npy_dir(tmp_path)
+    assert data.samples(NCHW) == 6 == sum(b.size for b in batches(data, NCHW, batch_size=4))
+    np.save(tmp_path / "2.npy", np.zeros((16, 24), np.float32))  # fits neither: unknown, and batching says why
+    assert edgeq.Dataset.from_npy_dir(tmp_path).samples(NCHW) is None

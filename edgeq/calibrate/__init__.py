@@ -84,7 +84,7 @@ def observe(model: Model, data: Dataset, tensors: list[str] | None = None, *, hi
     registry = threading.Lock()
     held, held_samples = [], 0
     stream = batches(data, model.inputs, batch_size, refuse_nonfinite=True, max_samples=max_samples)
-    progress = track(stream, "calibrating", total=_batch_count(data, batch_size, max_samples))
+    progress = track(stream, "calibrating", total=_batch_count(data.samples(model.inputs), batch_size, max_samples))
 
     def held_back(index: int, batch: Batch) -> bool:  # called under the stream's lock, in batch order
         nonlocal held_samples
@@ -221,10 +221,10 @@ def to_calibration(seen: Observed, method: str, *, percentile: float = 99.99, sy
     return cal
 
 
-def _batch_count(data: Dataset, batch_size: int, max_samples: int | None) -> int | None:
-    if data.length is None:
+def _batch_count(samples: int | None, batch_size: int, max_samples: int | None) -> int | None:
+    if samples is None:
         return None
-    n = min(data.length, max_samples) if max_samples else data.length
+    n = min(samples, max_samples) if max_samples else samples
     return -(-n // batch_size)
 
 
