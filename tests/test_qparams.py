@@ -67,3 +67,15 @@ def test_written_activation_scales_match_our_arithmetic(conv_model_path, conv_da
             assert int(inits[node.input[2]]) == int(zero)
             checked += 1
     assert checked >= 3
+
+
+def test_a_range_too_narrow_for_a_float32_scale_gets_scale_one():
+    """A denormal range (a dead channel) would give a zero or denormal float32 scale, and quantizing would divide by
+    zero; as in ONNX Runtime, the scale becomes 1 and everything in the range maps to the zero point."""
+    for kind in QTYPES:
+        qtype = QType.of(kind[0], symmetric=kind[1])
+        scale, zero = qparams(-1e-40, 3e-40, qtype, kind[1])
+        assert np.all(scale == 1.0)
+        with np.errstate(all="raise"):
+            q = quantize(np.array([-1e-40, 0.0, 3e-40], np.float32), scale, zero, qtype)
+        assert np.all(dequantize(q, scale, zero) == 0.0)

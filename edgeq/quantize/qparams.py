@@ -40,10 +40,12 @@ def qparams(low: np.ndarray | float, high: np.ndarray | float, qtype: QType, sym
         zero = np.full(scale.shape, (qtype.qmax + qtype.qmin + 1) // 2 if qtype.qmin == 0 else 0, np.int64)
     else:
         scale = (high - low) / (qtype.qmax - qtype.qmin)
-        safe = np.where(scale > 0, scale, 1.0)
-        zero = np.clip(np.round(qtype.qmin - low / safe), qtype.qmin, qtype.qmax).astype(np.int64)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return scale, zero.astype(qtype.dtype)
+    # A range too narrow for a normal float32 scale (as ONNX Runtime's own rule) gets scale 1: its values round to
+    # the zero point, i.e. to 0 within that range; a denormal or zero scale would divide by zero.
+    scale = np.where(scale >= np.finfo(np.float32).tiny, scale, 1.0)
+    if not symmetric:
+        zero = np.clip(np.round(qtype.qmin - low / scale), qtype.qmin, qtype.qmax).astype(np.int64)
+    return scale.astype(np.float32), zero.astype(qtype.dtype)
 
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qtype: QType) -> np.ndarray:
