@@ -94,10 +94,11 @@ def observe(model: Model, data: Dataset, tensors: list[str] | None = None, *, hi
             return True
         return False
 
-    def observe_batch(batch: Batch) -> int:
+    def observe_batch(index: int, batch: Batch) -> int:
         values = run_session(session, output_names, batch.inputs, "the model", f"the calibration data ({data.description})")
         named = dict(zip(output_names, values)) | batch.inputs
-        for name in wanted:
+        start = (index % WORKERS) * len(wanted) // WORKERS  # workers on neighbouring batches start apart: fewer waits
+        for name in wanted[start:] + wanted[:start]:
             value = named.get(name)
             if value is None or value.dtype != np.float32:
                 continue
@@ -118,7 +119,8 @@ def observe(model: Model, data: Dataset, tensors: list[str] | None = None, *, hi
         return batch.size
 
     samples = _in_parallel(progress, held_back, observe_batch)
-    return Observed(observers, samples, list(data.notes), held)
+    in_graph_order = {name: observers[name] for name in wanted if name in observers}
+    return Observed(in_graph_order, samples, list(data.notes), held)
 
 
 # Batches observed at once: each worker runs the model on its batch (ONNX Runtime releases the GIL) and bins the
@@ -130,7 +132,7 @@ WORKERS = 2
 
 
 def _in_parallel(stream, held_back, observe_batch) -> int:
-    """Run `observe_batch` over the stream's batches in WORKERS threads (this one included); return the samples seen.
+    """Run `observe_batch(index, batch)` over the stream's batches in WORKERS threads (this one included); return the samples seen.
     The first error in any worker stops the others after their current batch and is raised here."""
     pull, stop = threading.Lock(), threading.Event()
     iterator = enumerate(stream)
@@ -146,7 +148,7 @@ def _in_parallel(stream, held_back, observe_batch) -> int:
                         return
                     if held_back(index, batch):
                         continue
-                counts.append(observe_batch(batch))
+                counts.append(observe_batch(index, batch))
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, raised there
             errors.append(exc)
             stop.set()
