@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.analyze import analyze
-from edgeq.analyze._qdq import Prepared, prepare_and_calibrate, quantize_qdq
+from edgeq.analyze._qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
 from edgeq.analyze.sensitivity import eval_inputs, fidelity, full_int8_fidelity, outputs_of
 from edgeq.data import Dataset, batches, open_data
 from edgeq.errors import ConfigError
@@ -236,7 +236,7 @@ def _calibrate(search: _Search, source: Model, calib: Dataset, config: Int8Stati
     """Calibrate with every method; evaluate FP32 and the best full INT8 (every method's with `select="validation"`).
     Returns the prepared graphs, the best full-INT8 record and the calibration samples fidelity is measured on."""
     say("calibrating with each method; the one whose INT8 outputs stay closest to FP32 is kept")
-    preps = {m: prepare_and_calibrate(source, calib, config, method=m) for m in methods}
+    preps = prepare_and_calibrate_each(source, calib, config, methods)
     feed = eval_inputs(next(iter(preps.values())), calib)
     scores = {m: full_int8_fidelity(p, feed) for m, p in preps.items()}
     fp32 = ("fp32", source.proto, {"kind": "fp32", "float_layers": [], "method": None})

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from edgeq.calibrate import calibrate
+from edgeq.calibrate import check_method, observe, to_calibration
 from edgeq.data import Dataset
 from edgeq.model import Model
 from edgeq.quantize.config import COMPUTE_OP_TYPES, STATIC_OP_TYPES, Int8Static
@@ -45,11 +45,23 @@ def prepare_model(model: Model, config: Int8Static | None = None) -> tuple[Model
 
 def prepare_and_calibrate(model: Model, calib: Dataset, config: Int8Static | None = None, *, method: str | None = None) -> Prepared:
     config = config or Int8Static()
+    return prepare_and_calibrate_each(model, calib, config, (method or config.method,))[method or config.method]
+
+
+def prepare_and_calibrate_each(model: Model, calib: Dataset, config: Int8Static, methods: tuple[str, ...]) -> dict[str, Prepared]:
+    """One prepared graph and one pass over the calibration data (histograms answer every method), ranges by each
+    method: what calibrating once per method gives, without preparing and streaming the data once per method."""
+    for method in methods:
+        check_method(method, config.percentile)
     prepared, notes = prepare_model(model, config)
-    method = method or config.method
-    cal = calibrate(prepared, calib, method=method, percentile=config.percentile, batch_size=config.batch_size,
-                    max_samples=config.max_samples, symmetric=config.activation_type == "int8")
-    return Prepared(prepared, quantizable_layers(prepared.proto), dict(cal.ranges), method, cal.samples, notes + list(cal.warnings), config)
+    seen = observe(prepared, calib, histogram=methods != ("minmax",), batch_size=config.batch_size,
+                   max_samples=config.max_samples)
+    out = {}
+    for method in methods:
+        cal = to_calibration(seen, method, percentile=config.percentile, symmetric=config.activation_type == "int8")
+        out[method] = Prepared(prepared, quantizable_layers(prepared.proto), dict(cal.ranges), method, cal.samples,
+                               notes + list(cal.warnings), config)
+    return out
 
 
 def quantize_qdq(prep: Prepared, *, only: list[str] | None = None, exclude: list[str] | tuple[str, ...] = ()) -> onnx.ModelProto:
