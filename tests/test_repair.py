@@ -165,6 +165,8 @@ def test_sample_rows_keeps_every_row_when_there_are_few_and_a_bounded_uniform_sa
     first_half = (x[:20] + _weight(model.proto, "shift")).reshape(-1, 32)
     from_first_half = sum(bool((np.abs(first_half - row).max(axis=1) < 1e-5).any()) for row in some)
     assert 10 <= from_first_half <= 40  # both halves of the stream are represented (expected 25)
+    capped = sample_rows(model, edgeq.Dataset.from_arrays({"x": x}), ["h"], rows=1000, batch_size=8, max_samples=12)["h"]
+    np.testing.assert_allclose(capped, (x[:12] + _weight(model.proto, "shift")).reshape(-1, 32), rtol=1e-6)
 
 
 def test_best_clip_matches_brute_force_and_clip_weights_reduces_error():

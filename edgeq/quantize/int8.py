@@ -181,7 +181,7 @@ def _smoothquant(prepared: Model, calib: Dataset, config: Int8Static, per_channe
     ranges = seen.ranges("minmax")
     absmax = {name: np.maximum(np.abs(lo), np.abs(hi)) for name, (lo, hi) in ranges.items()}
     if alpha == "auto":
-        rows = sample_rows(prepared, calib, groups, batch_size=config.batch_size)
+        rows = sample_rows(prepared, calib, groups, batch_size=config.batch_size, max_samples=config.max_samples)
         alpha = choose_alphas(prepared.proto, rows, ranges, symmetric_activations=config.activation_type == "int8",
                               per_channel=per_channel)
         return {"alpha": "auto", "alphas": alpha, "activations": smooth(prepared.proto, absmax, alpha)}

@@ -144,19 +144,21 @@ def _fake_quant_weight(w: np.ndarray, per_channel: bool) -> np.ndarray:
     return np.clip(np.rint(w / step), -127, 127) * step
 
 
-def sample_rows(model, data, names: list[str], *, rows: int = 2048, batch_size: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+def sample_rows(model, data, names: list[str], *, rows: int = 2048, batch_size: int = 16, max_samples: int | None = None,
+                seed: int = 0) -> dict[str, np.ndarray]:
     """A uniform sample (reservoir: constant memory) of `rows` rows of each named activation, flattened to
-    [rows, channels] along the last axis, from one pass over `data`."""
+    [rows, channels] along the last axis, from one pass over `data` (its first `max_samples` samples)."""
     from edgeq.calibrate import with_outputs
     from edgeq.data import batches
-    from edgeq.model import make_session
+    from edgeq.model import make_session, run_session
 
     session = make_session(with_outputs(model.proto, names), threads=0)
     rng = np.random.default_rng(seed)
     kept: dict[str, np.ndarray] = {}
     seen: dict[str, int] = {}
-    for batch in batches(data, model.inputs, batch_size):
-        for name, value in zip(names, session.run(names, batch.inputs)):
+    for batch in batches(data, model.inputs, batch_size, max_samples=max_samples):
+        values = run_session(session, names, batch.inputs, "the model", f"the calibration data ({data.description})")
+        for name, value in zip(names, values):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
             start = seen.get(name, 0)
             if name not in kept:
