@@ -253,8 +253,8 @@ def _npy_sample_count(files: list[Path], specs: list[TensorSpec]) -> int | None:
     total = 0
     for path in files:
         try:
-            shape = np.load(path, allow_pickle=False, mmap_mode="r").shape  # the header only
-        except _UNREADABLE:
+            shape = _read_npy(path).shape  # memory-mapped: the header only
+        except DataError:
             return None
         if len(shape) == specs[0].rank and shape:
             total += shape[0]

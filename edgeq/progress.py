@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+def track(items: Iterable[T], description: str, total: int | Callable[[], int | None] | None = None) -> Iterator[T]:
+    """Yield `items` with a progress bar on a terminal. `total` may be a function, called only when a bar is shown
+    (counting can cost I/O, e.g. reading the header of every file in a folder)."""
     if not sys.stderr.isatty():
         yield from items
         return
+    if callable(total):
+        total = total()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -84,7 +84,7 @@ def observe(model: Model, data: Dataset, tensors: list[str] | None = None, *, hi
     registry = threading.Lock()
     held, held_samples = [], 0
     stream = batches(data, model.inputs, batch_size, refuse_nonfinite=True, max_samples=max_samples)
-    progress = track(stream, "calibrating", total=_batch_count(data.samples(model.inputs), batch_size, max_samples))
+    progress = track(stream, "calibrating", total=lambda: _batch_count(data.samples(model.inputs), batch_size, max_samples))
 
     def held_back(index: int, batch: Batch) -> bool:  # called under the stream's lock, in batch order
         nonlocal held_samples
