@@ -45,7 +45,8 @@ def prepare_model(model: Model, config: Int8Static | None = None) -> tuple[Model
 
 def prepare_and_calibrate(model: Model, calib: Dataset, config: Int8Static | None = None, *, method: str | None = None) -> Prepared:
     config = config or Int8Static()
-    return prepare_and_calibrate_each(model, calib, config, (method or config.method,))[method or config.method]
+    method = method or config.method
+    return prepare_and_calibrate_each(model, calib, config, (method,))[method]
 
 
 def prepare_and_calibrate_each(model: Model, calib: Dataset, config: Int8Static, methods: tuple[str, ...]) -> dict[str, Prepared]:

@@ -83,18 +83,18 @@ class HistogramObserver:
         # is exact too (integers up to `bins`). Only underflow loses information: a tiny negative value that scales to
         # -0.0 still belongs just below zero, and only a factor below 1 can underflow.
         factor = np.float32(self.bins / (2 * self.half_width))
-        scaled, index = _work_arrays()
+        work_scaled, work_index = _work_arrays()
         for start in range(0, x.size, CHUNK):
             part = x[start:start + CHUNK]
-            n = part.size
-            np.multiply(part, factor, out=scaled[:n])
-            below_zero = np.flatnonzero((scaled[:n] == 0) & (part < 0)) if factor < 1 and low < 0 else None
-            np.floor(scaled[:n], out=scaled[:n])
-            scaled[:n] += np.float32(self.bins // 2)
-            np.copyto(index[:n], scaled[:n], casting="unsafe")
+            scaled, index = work_scaled[:part.size], work_index[:part.size]
+            np.multiply(part, factor, out=scaled)
+            below_zero = np.flatnonzero((scaled == 0) & (part < 0)) if factor < 1 and low < 0 else None
+            np.floor(scaled, out=scaled)
+            scaled += np.float32(self.bins // 2)
+            np.copyto(index, scaled, casting="unsafe")
             if below_zero is not None and below_zero.size:
                 index[below_zero] -= 1
-            self.counts += np.bincount(index[:n], minlength=self.bins)
+            self.counts += np.bincount(index, minlength=self.bins)
 
     def _grow_to(self, absmax: float) -> None:
         # The smallest power of two strictly above |x|: x = R would fall outside the last bin.
