@@ -5,7 +5,11 @@
 >>> q = edgeq.quantize(model, edgeq.Int8Static(), calib=edgeq.Dataset.from_npz("calib.npz"))  # doctest: +SKIP
 >>> q.save("model_int8.onnx")                                                          # doctest: +SKIP
 """
-from edgeq.analyze import analyze
+from edgeq import interrupts as _interrupts
+
+_interrupts.quiet_startup()  # before numpy, onnx and typer load: Ctrl-C while the command starts is one line
+
+from edgeq.analyze import analyze  # noqa: E402
 from edgeq.auto import QatSource, auto
 from edgeq.bench import BenchConfig, benchmark
 from edgeq.data import Dataset, ImagePreset, open_data

@@ -113,9 +113,34 @@ def _alive(pid: int) -> bool:
 
 
 def publish(tmp: Path, path: Path) -> None:
-    """Give a finished temporary the permissions of a normal new file and rename it onto `path`."""
+    """Make a finished temporary durable and rename it onto `path`: its bytes reach the disk (fsync) before the
+    rename, and the folder entry after it, so a power cut leaves the old file or the whole new one under `path`,
+    never an empty or partial one. The file gets the permissions of a normal new file."""
+    sync_file(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; an output should be as readable as any other
     os.replace(tmp, path)
+    sync_folder(Path(path).resolve().parent)
+
+
+def sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, which makes the renames and removals in it durable (POSIX; a no-op where folders cannot be
+    opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_umask() -> int:
@@ -146,8 +171,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         with disk_full_is_user_error(path):
             yield tmp_path
-            with open(tmp_path, "rb+") as fh:
-                os.fsync(fh.fileno())
             publish(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)  # already renamed when the block completed

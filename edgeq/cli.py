@@ -4,6 +4,7 @@ Exit codes: 0 done, 2 user error (one line on stderr), 1 a bug (a short line; th
 """
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from enum import Enum
@@ -13,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from edgeq import interrupts
 from edgeq.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -361,8 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     # A bare `edgeq` shows the help: click's own no-args handling differs between versions and would be a "bug" here.
     args = [a for a in args if a != "--debug"] or ["--help"]
+    interrupts.install()
     try:
-        app(args=args, prog_name="edgeq", standalone_mode=False)
+        code = app(args=args, prog_name="edgeq", standalone_mode=False)
+    except interrupts.Interrupted as exc:
+        print(exc.message(), file=sys.stderr)
+        sys.exit(exc.exit_code)
     except UserError as exc:
         print(f"edgeq: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
@@ -372,8 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     except _usage_errors() as exc:
         print(f"edgeq: error: {_one_line(exc.format_message())} — see `edgeq --help`", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("edgeq: interrupted; no output was written partially", file=sys.stderr)
+    except KeyboardInterrupt:  # raised by code that bypasses the handlers, e.g. input() or a C extension
+        print(interrupts.Interrupted(signal.SIGINT).message(), file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence turns bugs into one clear line
         if debug:
@@ -381,6 +387,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"edgeq: internal error (this is a bug): {type(exc).__name__}: {_one_line(exc)[:200]}"
               + ("" if debug else " — rerun with --debug for the traceback"), file=sys.stderr)
         sys.exit(1)
+    if code:  # typer, outside standalone mode, returns the code of an Exit instead of exiting (130 for Ctrl-C)
+        if code == 130:
+            print(interrupts.Interrupted(signal.SIGINT).message(), file=sys.stderr)
+        sys.exit(code)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

@@ -166,29 +166,29 @@ class Dataset:
 
     @classmethod
     def from_npz(cls, path: str | Path) -> "Dataset":
+        """An .npz keyed by input name (optional `labels`), read lazily in bounded chunks (see edgeq.npz)."""
+        from edgeq import npz
+
         path = _existing(path)
         # Without this check np.load would read a .npy file as one array, or try to unpickle any other bytes.
         if not zipfile.is_zipfile(path):
             raise DataError(f"{path} is not an .npz file (not a zip archive)", "write it with numpy.savez")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except _UNREADABLE as exc:
-            raise _unreadable(path, exc, "numpy.savez") from None
-        strays = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]  # numpy returns other members as bytes
-        if strays:
-            raise DataError(f"{path}: member {strays[0]!r} is not a numpy array", "write the file with numpy.savez")
-        labels = arrays.pop(LABELS_KEY, None)
-        if labels is not None and labels.ndim == 0:
+        members = npz.read_members(path)
+        labels = [m for m in members if m.key == LABELS_KEY]
+        if labels and not labels[0].shape:
             raise DataError(f"{path}: 'labels' is a scalar", "save one label per sample, shaped (samples,)")
-        if not arrays:
+        if len(labels) == len(members):
             raise DataError(f"{path} holds no input arrays", "save the model inputs keyed by input name")
-        if any(a.ndim == 0 for a in arrays.values()):
+        if any(not m.shape for m in members):
             raise DataError(f"{path} holds a scalar array; inputs need the sample axis first", "save arrays shaped (samples, ...)")
-        ds = cls.from_arrays(arrays, labels, description=str(path))
-        if ds.length == 0:
+        counts = {m.key: m.shape[0] for m in members}
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{k}: {n}" for k, n in counts.items())
+            raise DataError(f"{path}: arrays disagree on the number of samples ({detail})", "give every array (and labels) the same first dimension")
+        length = next(iter(counts.values()))
+        if length == 0:
             raise DataError(f"{path} holds no samples", "give at least one sample")
-        return ds
+        return cls(lambda: npz.read_chunks(path, members), length=length, description=str(path))
 
     @classmethod
     def from_npy_dir(cls, path: str | Path) -> "Dataset":

@@ -8,6 +8,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Protocol, Sequence
 
+from edgeq import interrupts
+
 
 class Executor(Protocol):
     """Runs `fn` on every task, returns the results in task order."""
@@ -45,16 +47,23 @@ class LocalPool:
         if not tasks:
             return []
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=interrupts.ignore_in_worker)
         return list(self._pool.map(fn, tasks))
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, *, stop_workers: bool = False) -> None:
+        """Wait for the running tasks, or (`stop_workers`, on an interrupt) kill the workers first."""
+        if self._pool is None:
+            return
+        if stop_workers:
+            # ProcessPoolExecutor has no public way to stop running tasks before Python 3.14 (terminate_workers).
+            for process in list(self._pool._processes.values()):
+                process.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
 
     def __enter__(self) -> "LocalPool":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(stop_workers=exc_type is not None and not issubclass(exc_type, Exception))

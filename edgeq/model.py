@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
-from edgeq import atomic
+from edgeq import atomic, interrupts
 from edgeq.errors import ConfigError, ModelError
 
 # Protobuf cannot serialise messages of 2 GB or more; above this size weights go to an external data file.
@@ -218,11 +218,12 @@ def save(proto: onnx.ModelProto, path: str | Path, *, force: bool = False, prote
             data_name = _write_staged(proto, staged_model)
         verify_file(staged_model)
         old_data = _own_data_files(path) if path.exists() else set()
-        if data_name:
-            atomic.publish(staging / data_name, folder / data_name)
-        atomic.publish(staged_model, path)
-        for stale in old_data - {data_name}:
-            (folder / stale).unlink(missing_ok=True)
+        with interrupts.deferred():  # the data file is published first: the model never refers to a missing one
+            if data_name:
+                atomic.publish(staging / data_name, folder / data_name)
+            atomic.publish(staged_model, path)
+            for stale in old_data - {data_name}:
+                (folder / stale).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
