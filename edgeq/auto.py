@@ -34,7 +34,7 @@ from edgeq.analyze.sensitivity import eval_inputs, fidelity, full_int8_fidelity,
 from edgeq.data import Dataset, batches, open_data
 from edgeq.errors import ConfigError
 from edgeq.executor import Executor, LocalPool
-from edgeq.model import Model, load
+from edgeq.model import Model, load, model_files
 from edgeq.quantize.config import Int8Static
 
 METHODS = ("minmax", "percentile", "mse")
@@ -153,19 +153,36 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
 
     `max_float_layers` caps the layers the search may return to float (0: a fully INT8 model or nothing);
     `refine` False skips the recipe refinement (one evaluation less); `qat` lets QAT run when nothing else meets."""
-    from edgeq.decide import DecisionRule
     from edgeq.report import ReportFolder
-    from edgeq.report.auto import render_auto_html
 
     _check_options(select, budget, max_float_layers)
     started = time.perf_counter()
     say = console.print if console is not None else (lambda *a, **k: None)
     source = load(model) if isinstance(model, (str, Path)) else model
+    calib_spec = calib
     calib = open_data(calib) if isinstance(calib, (str, Path)) else calib
     val_spec = val
     val = open_data(val) if isinstance(val, (str, Path)) else val
     qat_inputs = _load_qat(qat, source) if qat is not None else None   # before any work: a wrong model fails fast
-    folder = ReportFolder(Path(output), force=force)
+    folder = ReportFolder(Path(output), force=force, staged=True,
+                          protect=(*model_files(source.path), *(Path(d) for d in (calib_spec, val_spec) if isinstance(d, (str, Path)))))
+    try:
+        report = _run(source, calib, val, val_spec, budget, output, folder, target, executor, config, methods, bench_runs,
+                      bench_batch, threads, select, max_float_layers, refine, qat_inputs, say, started)
+    except BaseException:
+        folder.discard()  # a failure or an interrupt leaves the output folder as it was, or absent
+        raise
+    folder.commit()
+    return report
+
+
+def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | Path, budget: float, output: str | Path,
+         folder: Any, target: str, executor: Executor | None, config: Int8Static | None, methods: tuple[str, ...],
+         bench_runs: int, bench_batch: int, threads: int, select: str, max_float_layers: int | None, refine: bool,
+         qat_inputs: "_QatInputs | None", say: Any, started: float) -> dict:
+    from edgeq.decide import DecisionRule
+    from edgeq.report.auto import render_auto_html
+
     config = config or Int8Static()
     arrays, labels = materialize(val, source)
     own_executor = executor is None
@@ -195,13 +212,17 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
         notes = [s["result"] for s in steps if "result" in s]
         hint = None if qat_inputs is not None else _qat_command(source, val_spec, config, output)
         verdict = _verdict(chosen, meeting, search, budget, n_layers, analysis, best, notes, hint)
-    finally:
+    except BaseException as exc:
         if own_executor:
-            executor.close()
+            executor.close(stop_workers=not isinstance(exc, Exception))
+        raise
+    if own_executor:
+        executor.close()
     from edgeq.model import save as save_model
 
     save_model(load(chosen["path"]).proto, folder.path("model.onnx"), force=True)
     for r in search.records.values():
+        r["path"] = str(folder.final(r["path"]))
         folder.write_json(f"candidates/{r['name']}.json", r)
     import onnxruntime
 

@@ -100,12 +100,14 @@ def quantize(
     """Quantize MODEL to FP16, INT8 (dynamic or static QDQ) or INT4 (weight-only, block-wise)."""
     import edgeq
     from edgeq import atomic
+    from edgeq.model import model_files
     from edgeq.quantize import config as cfg
     from edgeq.render import print_quant_summary
 
-    atomic.check_writable(output, force=force, protect=(model, calib))
+    inputs = (*model_files(model), calib)
+    atomic.check_writable(output, force=force, protect=inputs)
     if summary_json:
-        atomic.check_writable(summary_json, force=force, protect=(model, calib, output))
+        atomic.check_writable(summary_json, force=force, protect=(*inputs, output))
     source = edgeq.load(model)
     ops = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     if precision is Precision.fp16:

@@ -16,7 +16,7 @@ class Executor(Protocol):
 
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]: ...
 
-    def close(self) -> None: ...
+    def close(self, *, stop_workers: bool = False) -> None: ...
 
 
 class InProcess:
@@ -27,8 +27,8 @@ class InProcess:
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]:
         return [fn(t) for t in tasks]
 
-    def close(self) -> None:
-        pass
+    def close(self, *, stop_workers: bool = False) -> None:
+        """Nothing runs outside this process."""
 
 
 class LocalPool:

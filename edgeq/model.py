@@ -81,7 +81,7 @@ class Model:
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Verify (checker + ONNX Runtime load) and write atomically; never over the model it was loaded from."""
-        return save(self.proto, path, force=force, protect=(self.path,) if self.path else ())
+        return save(self.proto, path, force=force, protect=model_files(self.path))
 
     def session(self, threads: int = 1, optimize: bool = True):
         return make_session(self.proto, threads=threads, optimize=optimize)
@@ -254,6 +254,19 @@ def _own_data_files(model_path: Path) -> set[str]:
         return set()
     own = re.compile(rf"{re.escape(model_path.name)}\.[0-9a-f]{{12}}\.data")
     return {name for name in data_locations(proto) if own.fullmatch(name)}
+
+
+def model_files(path: str | Path | None) -> tuple[Path, ...]:
+    """Every file a model on disk consists of: the model and the external data files it refers to (the paths an
+    output must never land on)."""
+    if path is None:
+        return ()
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a file onnx cannot read refers to no data files; load() says what is wrong
+        return (path,)
+    return (path, *sorted(path.parent / name for name in data_locations(proto)))
 
 
 def data_locations(proto: onnx.ModelProto) -> set[str]:

@@ -3,39 +3,87 @@ from __future__ import annotations
 
 import html
 import io
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from edgeq import atomic
+from edgeq import atomic, interrupts
 from edgeq.errors import OutputError
 
 VERDICT_COLOURS = {"ship": "#1a7f37", "try-qat": "#9a6700", "stay-fp16": "#cf222e", "baseline": "#57606a"}
 
 
 class ReportFolder:
-    """An output folder whose writers refuse names that would escape it (`../x`, absolute paths, separators)."""
+    """An output folder whose writers refuse names that would escape it (`../x`, absolute paths, separators).
 
-    def __init__(self, root: Path, *, force: bool = False) -> None:
+    `staged`: files are written to a temporary folder beside it and moved into place by `commit()` when the run
+    completes; `discard()` (a failure, an interrupt) removes them, and the folder stays as it was, or absent.
+    `protect`: input files that must not lie inside the folder (a run with --force would replace them).
+    """
+
+    def __init__(self, root: Path, *, force: bool = False, staged: bool = False, protect: tuple[Path | None, ...] = ()) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise OutputError(f"output {self.root} exists and is not a folder", "choose a folder path")
+        for given in (p for p in protect if p is not None):
+            if _inside(Path(given), self.root):
+                raise OutputError(f"output folder {self.root} holds the input {given}",
+                                  "choose an output folder that does not contain the inputs; edgeq never overwrites them")
         if self.root.exists() and any(self.root.iterdir()) and not force:
             raise OutputError(f"output folder {self.root} is not empty", "pass --force to overwrite its files, or choose a new folder")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create output folder {self.root}: {exc.strerror}", "choose a writable location") from None
+        if staged:
+            atomic.check_writable(self.root / "report.json", force=True)
+            self.dir = atomic.temp_beside(self.root, folder=True)
+        else:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create output folder {self.root}: {exc.strerror}", "choose a writable location") from None
+            self.dir = self.root
         self.force = force
 
     def path(self, name: str) -> Path:
         parts = Path(name).parts
         if not parts or Path(name).is_absolute() or any(p in ("..", "") for p in parts):
             raise OutputError(f"refusing to write {name!r} outside the report folder", "use a plain relative file name")
-        target = (self.root / name).resolve()
-        if self.root.resolve() not in target.parents:
+        target = (self.dir / name).resolve()
+        if self.dir.resolve() not in target.parents:
             raise OutputError(f"refusing to write {name!r} outside the report folder", "use a plain relative file name")
         target.parent.mkdir(parents=True, exist_ok=True)
-        return self.root / name
+        return self.dir / name
+
+    def final(self, path: Path | str) -> Path:
+        """Where a file written under `path(...)` lies once committed."""
+        return self.root / Path(path).relative_to(self.dir)
+
+    def commit(self) -> None:
+        """Move the staged files into the folder: each top-level entry replaces the one of the same name (a
+        sub-folder as a whole); other files already there stay. Signals wait until the moves are done."""
+        if self.dir == self.root:
+            return
+        with interrupts.deferred():
+            if not self.root.exists():
+                os.rename(self.dir, self.root)
+            else:
+                for entry in sorted(self.dir.iterdir()):
+                    target = self.root / entry.name
+                    if target.is_dir() and not target.is_symlink():
+                        aside = self.dir / f".{entry.name}.previous"
+                        os.rename(target, aside)
+                        os.rename(entry, target)
+                        shutil.rmtree(aside)
+                    else:
+                        os.replace(entry, target)
+                shutil.rmtree(self.dir)
+            atomic.sync_folder(self.root)
+            atomic.sync_folder(self.root.resolve().parent)
+        self.dir = self.root
+
+    def discard(self) -> None:
+        if self.dir != self.root:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
 
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic.write_json(self.path(name), obj)
@@ -44,13 +92,27 @@ class ReportFolder:
         return atomic.write_text(self.path(name), text)
 
 
-def tradeoff_svg(models: list[dict]) -> str:
-    """Size vs p50 latency, one point per model, labelled with its metric; the SVG is inlined in the page."""
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` (after links) lies in `folder` or below it."""
+    path, folder = path.resolve(), folder.resolve()
+    return folder == path or folder in path.parents
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, headless, with math text off: names are drawn as written, so a node or model name
+    holding `$...$` is neither parsed as TeX (which raised on names it could not parse) nor typeset."""
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def tradeoff_svg(models: list[dict]) -> str:
+    """Size vs p50 latency, one point per model, labelled with its metric; the SVG is inlined in the page."""
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for m in models:
         colour = VERDICT_COLOURS.get(m.get("verdict", "baseline"), "#0969da")

@@ -33,10 +33,9 @@ def _svg(fig) -> str:
 
 def tradeoff_chart(candidates: list[dict], budget: float, metric: str) -> str:
     """Latency vs accuracy drop (marker area ∝ size), the budget line and the Pareto front; and size vs drop."""
-    import matplotlib
+    from edgeq.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     front = set(pareto_front(candidates))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -64,10 +63,9 @@ def tradeoff_chart(candidates: list[dict], budget: float, metric: str) -> str:
 
 def sensitivity_chart(sensitivity: list[dict], broken_below: float = 20.0, top: int = 40) -> str:
     """Horizontal bars: output SQNR with only this layer INT8 (short bar = sensitive) and with only it float."""
-    import matplotlib
+    from edgeq.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = sensitivity[:top]
     fig, ax = plt.subplots(figsize=(11, 0.28 * len(rows) + 1.2))
