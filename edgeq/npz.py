@@ -102,7 +102,8 @@ def read_chunks(path: Path, members: list[Member]) -> Iterator[Batch]:
                 labels = arrays.pop(LABELS_KEY, None)
                 yield Batch(arrays, labels)
             for stream in streams.values():
-                stream.read(1)  # at the end of a member zipfile checks its CRC
+                if not isinstance(stream, np.ndarray):
+                    stream.read(1)  # at the end of a member zipfile checks its CRC
     except _UNREADABLE as exc:
         raise _unreadable(path, exc, "numpy.savez") from None
 
