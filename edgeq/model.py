@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,12 +130,7 @@ def load(path: str | Path) -> Model:
     if missing:
         raise ModelError(f"{path} refers to external data that is missing beside it: {', '.join(missing)}",
                          "copy the data file next to the model under that name")
-    try:
-        external_data_helper.load_external_data_for_model(proto, str(path.resolve().parent))
-    except (OSError, onnx.checker.ValidationError) as exc:
-        # onnx raises ValidationError for a data file that lies outside the model's folder (path traversal).
-        raise ModelError(f"the external data of {path} cannot be read: {_one_line(exc)}",
-                         "keep the data file beside the model, under the name the model records") from None
+    _load_external_data(proto, path)
     opset = opset_of(proto)
     if opset < MIN_OPSET:
         raise ModelError(f"{path} uses opset {opset}; edgeq supports opset {MIN_OPSET} and newer", "re-export with a newer opset")
@@ -271,13 +267,61 @@ def model_files(path: str | Path | None) -> tuple[Path, ...]:
 
 def data_locations(proto: onnx.ModelProto) -> set[str]:
     """The external data files a model refers to, as written in it (relative to the model's folder)."""
-    return {
-        entry.value
-        for tensor in external_data_helper._get_all_tensors(proto)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
+    locations = {_external_entries(tensor).get("location", "") for tensor in _external_tensors(proto)}
+    return locations - {""}
+
+
+def _external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored outside the model file: initializers, tensor attributes and sparse initializers (their
+    values and indices), in the main graph and every subgraph."""
+    for graph in _graphs(proto.graph):
+        sparse = [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
+        attributes = [t for node in graph.node for a in node.attribute
+                      for t in (*([a.t] if a.HasField("t") else []), *a.tensors,
+                                *([a.sparse_tensor.values, a.sparse_tensor.indices] if a.HasField("sparse_tensor") else []))]
+        for tensor in (*graph.initializer, *sparse, *attributes):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                yield tensor
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                yield from _graphs(sub)
+
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Read every external tensor into the model. Each location is resolved against the model's folder (never the
+    current directory) and must stay inside it; offset and length must lie within the file, checked before reading."""
+    folder = path.resolve().parent
+    fix = "keep the data file beside the model, under the name the model records, or re-export the model"
+    for tensor in _external_tensors(proto):
+        entries = _external_entries(tensor)
+        location = entries.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents:
+            raise ModelError(f"the external data of {path} cannot be read: tensor {tensor.name!r} refers to {location!r}, "
+                             "outside the model's folder", fix)
+        try:
+            offset, length = int(entries.get("offset", 0)), entries.get("length")
+            size = target.stat().st_size
+            length = size - offset if length is None else int(length)
+        except (ValueError, OSError) as exc:
+            raise ModelError(f"the external data of {path} cannot be read: tensor {tensor.name!r}: {_one_line(exc)}", fix) from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelError(f"the external data of {path} cannot be read: tensor {tensor.name!r} asks for {length} bytes at "
+                             f"offset {offset} of {location!r}, which holds {size} bytes", fix)
+        with open(target, "rb") as fh:
+            fh.seek(offset)
+            tensor.raw_data = fh.read(length)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
 
 
 def verify_file(path: Path) -> None:

@@ -148,3 +148,58 @@ def test_names_with_dollar_signs_are_drawn_as_written():
     assert tradeoff_svg(models).startswith("<svg")
     row = {"rank": 1, "node": name, "only_quantized": {"sqnr_db": 12.0}, "only_float": {"sqnr_db": 30.0}}
     assert sensitivity_chart([row]).startswith("<svg")
+
+
+# ----- external data ---------------------------------------------------------------------------------------
+
+def _sparse_model(folder: Path, location: str, offset: int = 0, length: int | None = None) -> Path:
+    """y = x @ W with W a 4x3 sparse initializer whose 3 values lie in an external file."""
+    from onnx import TensorProto, helper
+
+    values = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[3])
+    values.data_location = TensorProto.EXTERNAL
+    entries = {"location": location, "offset": str(offset), "length": str(12 if length is None else length)}
+    for key, value in entries.items():
+        values.external_data.add(key=key, value=value)
+    indices = helper.make_tensor("W_indices", TensorProto.INT64, [3], [0, 4, 11])
+    sparse = helper.make_sparse_tensor(values, indices, [4, 3])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "sparse",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    graph.sparse_initializer.append(sparse)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "sparse.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_sparse_external_data_is_read_from_the_models_folder_not_the_current_one(tmp_path):
+    import edgeq
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "vals.bin").write_bytes(np.array([1.0, 2.0, 3.0], np.float32).tobytes())
+    (tmp_path / "vals.bin").write_bytes(np.array([7.0, 7.0, 7.0], np.float32).tobytes())   # in the current folder
+    _sparse_model(tmp_path / "models", "vals.bin")
+    model = edgeq.load(tmp_path / "models" / "sparse.onnx")
+    np.testing.assert_array_equal(model.proto.graph.sparse_initializer[0].values.raw_data,
+                                  np.array([1.0, 2.0, 3.0], np.float32).tobytes())
+    proc = cli(tmp_path, "quantize", "models/sparse.onnx", "-o", "q.onnx", "--precision", "fp16")
+    assert proc.returncode == 0, proc.stderr
+    assert np.array([7.0], np.float32).tobytes() not in (tmp_path / "q.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("location, offset, length, words", [
+    ("../outside.bin", 0, 12, ("outside the model's folder",)),
+    ("/etc/hostname", 0, 12, ("outside the model's folder",)),
+    ("vals.bin", 2**62, 12, ("offset 4611686018427387904", "holds 12 bytes")),
+    ("vals.bin", 0, 40 * 2**30, ("42949672960 bytes", "holds 12 bytes")),
+])
+def test_external_data_outside_the_folder_or_beyond_the_file_is_refused(tmp_path, location, offset, length, words):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "outside.bin").write_bytes(bytes(12))
+    (tmp_path / "m" / "vals.bin").write_bytes(bytes(12))
+    _sparse_model(tmp_path / "m", location, offset, length)
+    before = tree(tmp_path)
+    assert_user_error(cli(tmp_path, "quantize", "m/sparse.onnx", "-o", "q.onnx", "--precision", "fp16"), "external data", *words)
+    assert tree(tmp_path) == before
