@@ -203,3 +203,20 @@ def test_external_data_outside_the_folder_or_beyond_the_file_is_refused(tmp_path
     before = tree(tmp_path)
     assert_user_error(cli(tmp_path, "quantize", "m/sparse.onnx", "-o", "q.onnx", "--precision", "fp16"), "external data", *words)
     assert tree(tmp_path) == before
+
+
+# ----- inputs too large to allocate ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims, words", [
+    ("4096,1024,1024,64", ("would need 1.02e+03 GiB", "x: float32[4096,1024,1024,64]")),   # 1 TiB
+    (f"{2**31},1024,1024,{2**20}", ("x: float32[2147483648,1024,1024,1048576]",)),         # 2**62 elements
+])
+def test_bench_refuses_random_inputs_larger_than_memory_before_allocating(tmp_path, dims, words):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024, 1024, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1024, 1024, None])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "big.onnx")
+    proc = cli(tmp_path, "bench", "big.onnx", "--runs", "1", "--warmup", "0", "--shape", f"x={dims}")
+    assert_user_error(proc, "half the available memory", *words)
