@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq import errors
+from edgeq import errors, formats
 from edgeq.errors import ConfigError, DataError, ModelError, UserError
 from edgeq.model import TensorSpec
 from edgeq.progress import track
@@ -218,6 +218,7 @@ def _check_model_path(path: Path) -> None:
     if not path.exists():
         raise ModelError(f"model file not found: {path}", "check the path")
     if path.is_dir():
+        formats.refuse_foreign(path)
         raise ModelError(f"{path} is a folder, not an ONNX model file", "give the path of the .onnx file")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
-from edgeq import atomic, interrupts
+from edgeq import atomic, formats, interrupts
 from edgeq.errors import ConfigError, ModelError
 
 # Protobuf cannot serialise messages of 2 GB or more; above this size weights go to an external data file.
@@ -119,12 +119,15 @@ def load(path: str | Path) -> Model:
     if not path.exists():
         raise ModelError(f"model file not found: {path}", "check the path")
     if path.is_dir():
+        formats.refuse_foreign(path)
         raise ModelError(f"{path} is a folder, not an ONNX model file", "give the path of the .onnx file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:
+        formats.refuse_foreign(path)
         raise ModelError(f"{path} is not a readable ONNX model (corrupt or truncated protobuf)", "re-export the model or check the file") from None
     if not proto.graph.node:
+        formats.refuse_foreign(path)
         raise ModelError(f"{path} is not an ONNX model (it holds no graph nodes)", "give the path of an exported .onnx model")
     missing = sorted({name for name in data_locations(proto) if not (path.parent / name).is_file()})
     if missing:

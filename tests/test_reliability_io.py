@@ -220,3 +220,34 @@ def test_bench_refuses_random_inputs_larger_than_memory_before_allocating(tmp_pa
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "big.onnx")
     proc = cli(tmp_path, "bench", "big.onnx", "--runs", "1", "--warmup", "0", "--shape", f"x={dims}")
     assert_user_error(proc, "half the available memory", *words)
+
+
+# ----- model files that are not ONNX -------------------------------------------------------------------------
+
+def _torch_files(folder: Path) -> dict[str, tuple[str, ...]]:
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    torch.save(net.state_dict(), folder / "weights.pt")
+    torch.save(net.state_dict(), folder / "legacy.pth", _use_new_zipfile_serialization=False)
+    torch.jit.script(net).save(str(folder / "scripted.pt"))
+    return {"weights.pt": ("PyTorch checkpoint", "torch.onnx.export"), "legacy.pth": ("PyTorch checkpoint", "torch.onnx.export"),
+            "scripted.pt": ("TorchScript archive", "torch.onnx.export")}
+
+
+def _tensorflow_files(folder: Path) -> dict[str, tuple[str, ...]]:
+    # The first bytes the formats define: a flatbuffer's root offset and the "TFL3" identifier; HDF5's signature.
+    (folder / "model.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))
+    (folder / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    (folder / "frozen.pb").write_bytes(b"\n\x0c\n\x05input\x12\x03Placeholder")
+    (folder / "saved").mkdir()
+    (folder / "saved" / "saved_model.pb").write_bytes(b"\x08\x01")
+    return {"model.tflite": ("TensorFlow Lite", "tf2onnx", "--tflite", "planned"), "model.h5": ("Keras HDF5", "from_keras"),
+            "frozen.pb": ("frozen graph", "--graphdef"), "saved": ("SavedModel", "--saved-model")}
+
+
+@pytest.mark.parametrize("make", [_tensorflow_files, pytest.param(_torch_files, marks=pytest.mark.slow)])
+def test_other_model_formats_are_named_with_the_way_to_onnx(tmp_path, make):
+    for name, words in make(tmp_path).items():
+        for command in (("quantize", name, "-o", "q.onnx", "--mode", "dynamic"), ("bench", name, "--runs", "1")):
+            assert_user_error(cli(tmp_path, *command), name, "not an ONNX model", *words)
