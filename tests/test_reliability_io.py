@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -230,7 +231,9 @@ def _torch_files(folder: Path) -> dict[str, tuple[str, ...]]:
     net = torch.nn.Sequential(torch.nn.Linear(4, 2))
     torch.save(net.state_dict(), folder / "weights.pt")
     torch.save(net.state_dict(), folder / "legacy.pth", _use_new_zipfile_serialization=False)
-    torch.jit.script(net).save(str(folder / "scripted.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; users still have such files
+        torch.jit.script(net).save(str(folder / "scripted.pt"))
     return {"weights.pt": ("PyTorch checkpoint", "torch.onnx.export"), "legacy.pth": ("PyTorch checkpoint", "torch.onnx.export"),
             "scripted.pt": ("TorchScript archive", "torch.onnx.export")}
 

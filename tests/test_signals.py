@@ -108,3 +108,19 @@ def test_auto_failing_on_bad_validation_data_leaves_no_output_folder(workdir: Pa
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "bad_val.npz" in stderr, stderr
     assert tree(workdir) == before
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(workdir: Path):
+    """Sent once numpy's core is mapped, i.e. while edgeq's imports load (or, on a fast machine, just after)."""
+    proc = start(workdir, "quantize", "m.onnx", "-o", "q.onnx", "--mode", "dynamic")
+
+    def importing() -> bool:
+        try:
+            return "_multiarray_umath" in Path(f"/proc/{proc.pid}/maps").read_text()
+        except OSError:
+            return False
+
+    wait_until(proc, importing)
+    code, stderr = interrupted(proc, signal.SIGINT)
+    assert_one_interrupt_line(code, stderr, signal.SIGINT)
+    assert not (workdir / "q.onnx").exists()
