@@ -129,6 +129,7 @@ def load(path: str | Path) -> Model:
     if not proto.graph.node:
         formats.refuse_foreign(path)
         raise ModelError(f"{path} is not an ONNX model (it holds no graph nodes)", "give the path of an exported .onnx model")
+    _refuse_outside_locations(proto, path)
     missing = sorted({name for name in data_locations(proto) if not (path.parent / name).is_file()})
     if missing:
         raise ModelError(f"{path} refers to external data that is missing beside it: {', '.join(missing)}",
@@ -299,27 +300,36 @@ def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Read every external tensor into the model. Each location is resolved against the model's folder (never the
-    current directory) and must stay inside it; offset and length must lie within the file, checked before reading."""
+_EXTERNAL_FIX = "keep the data file beside the model, under the name the model records, or re-export the model"
+
+
+def _refuse_outside_locations(proto: onnx.ModelProto, path: Path) -> None:
+    """Every external location, resolved against the model's folder (links followed), must stay inside it."""
     folder = path.resolve().parent
-    fix = "keep the data file beside the model, under the name the model records, or re-export the model"
+    for tensor in _external_tensors(proto):
+        location = _external_entries(tensor).get("location", "")
+        if not location or Path(location).is_absolute() or folder not in (folder / location).resolve().parents:
+            raise ModelError(f"the external data of {path} cannot be read: tensor {tensor.name!r} refers to {location!r}, "
+                             "outside the model's folder", _EXTERNAL_FIX)
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Read every external tensor into the model, from the model's folder (never the current directory); offset and
+    length must lie within the file, checked before reading."""
+    folder = path.resolve().parent
     for tensor in _external_tensors(proto):
         entries = _external_entries(tensor)
-        location = entries.get("location", "")
+        location = entries["location"]
         target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or folder not in target.parents:
-            raise ModelError(f"the external data of {path} cannot be read: tensor {tensor.name!r} refers to {location!r}, "
-                             "outside the model's folder", fix)
         try:
             offset, length = int(entries.get("offset", 0)), entries.get("length")
             size = target.stat().st_size
             length = size - offset if length is None else int(length)
         except (ValueError, OSError) as exc:
-            raise ModelError(f"the external data of {path} cannot be read: tensor {tensor.name!r}: {_one_line(exc)}", fix) from None
+            raise ModelError(f"the external data of {path} cannot be read: tensor {tensor.name!r}: {_one_line(exc)}", _EXTERNAL_FIX) from None
         if offset < 0 or length < 0 or offset + length > size:
             raise ModelError(f"the external data of {path} cannot be read: tensor {tensor.name!r} asks for {length} bytes at "
-                             f"offset {offset} of {location!r}, which holds {size} bytes", fix)
+                             f"offset {offset} of {location!r}, which holds {size} bytes", _EXTERNAL_FIX)
         with open(target, "rb") as fh:
             fh.seek(offset)
             tensor.raw_data = fh.read(length)
