@@ -97,8 +97,9 @@ def test_signal_mid_auto_keeps_the_previous_folder_and_stops_the_workers(workdir
     code, stderr = interrupted(proc, signum)
     assert_one_interrupt_line(code, stderr, signum)
     assert tree(workdir) == before
-    leftover = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert not leftover, f"worker processes still run: {leftover}"
+    listed = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    running = [line for line in listed.splitlines() if not line.split()[1].startswith("Z")]   # zombies have exited
+    assert not running, f"worker processes still run: {running}"
 
 
 def test_auto_failing_on_bad_validation_data_leaves_no_output_folder(workdir: Path):
