@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 
 from edgeq import errors, formats
 from edgeq.errors import ConfigError, DataError, ModelError, UserError
+from edgeq.limits import check_feed_size
 from edgeq.model import TensorSpec
 from edgeq.progress import track
 
@@ -364,7 +364,8 @@ def random_feed(specs: list[TensorSpec], config: BenchConfig, model_label: str =
 
     Dynamic dims: axis 0 is the batch (`config.batch`); others come from `config.shapes`, or it is a ConfigError.
 
-    >>> from edgeq.model import TensorSpec
+    >>> from edgeq.limits import check_feed_size
+from edgeq.model import TensorSpec
     >>> feed = random_feed([TensorSpec("x", np.dtype("float32"), ("N", 3, 8, 8))], BenchConfig(batch=2))
     >>> feed["x"].shape, feed["x"].dtype
     ((2, 3, 8, 8), dtype('float32'))
@@ -374,7 +375,7 @@ def random_feed(specs: list[TensorSpec], config: BenchConfig, model_label: str =
         raise ConfigError(f"--shape names {', '.join(map(repr, unknown_names))}: not an input of {model_label}",
                           f"its inputs are: {', '.join(s.describe() for s in specs)}")
     shapes = _input_shapes(specs, config, model_label)
-    _check_feed_size(specs, shapes, model_label)
+    check_feed_size(specs, shapes, model_label)
     rng = np.random.default_rng(RANDOM_SEED)
     return {spec.name: _random_array(spec, shapes[spec.name], rng, model_label) for spec in specs}
 
@@ -397,41 +398,6 @@ def _input_shapes(specs: list[TensorSpec], config: BenchConfig, model_label: str
         raise ConfigError(f"input(s) {names} of {model_label} have dynamic dims edgeq cannot guess",
                           "pass the full shape with numbers, e.g. " + " ".join(f"--shape {m}" for m in missing) + ", or feed real inputs with --data")
     return shapes
-
-
-def _check_feed_size(specs: list[TensorSpec], shapes: dict[str, tuple[int, ...]], model_label: str) -> None:
-    """Refuse, before allocating, random inputs larger than half the memory available now (the model's own
-    buffers need the rest); dims such as 2**62 would otherwise end in MemoryError or numpy's "array is too big"."""
-    need = {s.name: _feed_bytes(s, shapes[s.name]) for s in specs}
-    limit = available_memory() // 2
-    if sum(need.values()) > limit:
-        biggest = max(need, key=need.__getitem__)
-        raise ConfigError(f"random inputs for {model_label} would need {_gib(sum(need.values()))} GiB ({biggest}: "
-                          f"{next(s for s in specs if s.name == biggest).dtype}[{','.join(map(str, shapes[biggest]))}]); "
-                          f"edgeq allocates at most half the available memory, {_gib(limit)} GiB",
-                          "give smaller dims with --shape or a smaller --batch, or feed real inputs with --data")
-
-
-def _feed_bytes(spec: TensorSpec, shape: tuple[int, ...]) -> int:
-    """Peak bytes of `_random_array`: floats are drawn as float32 and integers as int64, then cast."""
-    drawn = {"f": np.dtype(np.float32), "i": np.dtype(np.int64), "u": np.dtype(np.int64)}.get(spec.dtype.kind, spec.dtype)
-    return math.prod(shape) * (spec.dtype.itemsize + (drawn.itemsize if drawn != spec.dtype else 0))
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable on Linux, physical memory elsewhere)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3g}"
 
 
 def _is_fixed(dim: int | str | None) -> bool:
