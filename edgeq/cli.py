@@ -365,7 +365,14 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     # A bare `edgeq` shows the help: click's own no-args handling differs between versions and would be a "bug" here.
     args = [a for a in args if a != "--debug"] or ["--help"]
-    interrupts.install()
+    previous_handlers = interrupts.install()
+    try:
+        _run(args, debug)
+    finally:
+        interrupts.restore(previous_handlers)  # main() called from Python (tests) leaves the caller's handlers
+
+
+def _run(args: list[str], debug: bool) -> None:
     try:
         code = app(args=args, prog_name="edgeq", standalone_mode=False)
     except interrupts.Interrupted as exc:

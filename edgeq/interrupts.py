@@ -11,9 +11,10 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -32,10 +33,17 @@ class Interrupted(BaseException):
         return f"edgeq: interrupted by {how}; temporary files removed, earlier outputs left as they were"
 
 
-def install() -> None:
-    """Make SIGINT and SIGTERM raise Interrupted in the main thread."""
+def install() -> dict[int, Any]:
+    """Make SIGINT and SIGTERM raise Interrupted in the main thread; returns the handlers they had, for `restore`."""
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
     for signum in SIGNALS:
         signal.signal(signum, _raise)
+    return previous
+
+
+def restore(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def quiet_startup() -> None:

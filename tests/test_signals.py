@@ -125,3 +125,12 @@ def test_ctrl_c_while_the_command_starts_is_one_line(workdir: Path):
     code, stderr = interrupted(proc, signal.SIGINT)
     assert_one_interrupt_line(code, stderr, signal.SIGINT)
     assert not (workdir / "q.onnx").exists()
+
+
+def test_main_called_from_python_gives_back_the_callers_handlers(capsys):
+    import edgeq.cli
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    edgeq.cli.main(["--help"])
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert "quantize" in capsys.readouterr().out
