@@ -105,7 +105,7 @@ def test_signal_mid_auto_keeps_the_previous_folder_and_stops_the_workers(workdir
 def test_auto_failing_on_bad_validation_data_leaves_no_output_folder(workdir: Path):
     np.savez(workdir / "bad_val.npz", x=np.zeros((30, 1, 9, 9), np.float32), labels=np.zeros(30, np.int64))
     before = tree(workdir)
-    proc = start(workdir, "auto", "m.onnx", "--calib", "calib.npz", "--val", "bad_val.npz", "-o", "out", "--workers", "1")
+    proc = start(workdir, "auto", "m.onnx", "--calib", "calib.npz", "--val", "bad_val.npz", "-o", "new/out", "--workers", "1")
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "bad_val.npz" in stderr, stderr
     assert tree(workdir) == before

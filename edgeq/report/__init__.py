@@ -1,6 +1,7 @@
 """Reports: a JSON record of every figure and a self-contained HTML page (inline SVG plots, no external assets)."""
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import os
@@ -32,8 +33,9 @@ class ReportFolder:
                                   "choose an output folder that does not contain the inputs; edgeq never overwrites them")
         if self.root.exists() and any(self.root.iterdir()) and not force:
             raise OutputError(f"output folder {self.root} is not empty", "pass --force to overwrite its files, or choose a new folder")
+        parent = self.root.resolve().parent
+        self._created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first, removed by discard()
         if staged:
-            atomic.check_writable(self.root / "report.json", force=True)
             self.dir = atomic.temp_beside(self.root, folder=True)
         else:
             try:
@@ -81,9 +83,12 @@ class ReportFolder:
         self.dir = self.root
 
     def discard(self) -> None:
+        """Remove the staged files and the parent folders created for them."""
         if self.dir != self.root:
             shutil.rmtree(self.dir, ignore_errors=True)
-
+            for folder in self._created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic.write_json(self.path(name), obj)
