@@ -55,7 +55,7 @@ def _member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Memb
         raise DataError(f"{path}: member {key!r} would decompress from {_size(info.compress_size)} to {_size(info.file_size)} "
                         f"({info.file_size / max(info.compress_size, 1):.0f}:1; edgeq refuses more than {MAX_EXPANSION}:1 above "
                         f"{_size(EXPANSION_CHECKED_ABOVE)}, the mark of a zip bomb)",
-                        "save real data with numpy.savez (uncompressed) or numpy.savez_compressed")
+                        "if the data is real (mostly zeros, say), save it uncompressed with numpy.savez")
     with archive.open(info) as stream:
         shape, fortran_order, dtype = _header(stream)
         header_bytes = stream.tell()
