@@ -82,3 +82,46 @@ def test_magika_static_int8_keeps_its_file_type_decisions(method):
     agreement = float(np.mean(expected.argmax(1) == got.argmax(1)))
     assert agreement >= 0.9, agreement
     assert len(q.proto.SerializeToString()) < 0.4 * MAGIKA_MODEL.stat().st_size
+
+
+PPOCR_CLS = Path(__import__("importlib.util").util.find_spec("rapidocr_onnxruntime").origin).parent / "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
+_PEAK_RSS = """
+import sys, edgeq
+from edgeq.data import Dataset
+config = edgeq.Int8Static(method="entropy", batch_size=int(sys.argv[4]))
+q = edgeq.quantize(sys.argv[1], config, calib=Dataset.from_npy_dir(sys.argv[2]))
+assert q.summary.calibration["samples"] == int(sys.argv[3])
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+
+
+def _text_line_crops(folder: Path, count: int, seed: int) -> Path:
+    """`count` 48×192 crops of rendered text pages (PP-OCR's normalisation), one .npy file each."""
+    from edgeq import zoo
+
+    pages = zoo.render_text_images(8, seed=seed)
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for i in range(count):
+        page = pages[rng.integers(len(pages))]
+        top, left = rng.integers(0, page.shape[-2] - 48), rng.integers(0, page.shape[-1] - 192)
+        np.save(folder / f"{i:05d}.npy", np.ascontiguousarray(page[:, top:top + 48, left:left + 192]))
+    return folder
+
+
+@pytest.mark.slow
+def test_calibration_peak_memory_grows_neither_with_samples_nor_with_batch_size(tmp_path):
+    """Case 152: PP-OCR cls (96 MB of activations per batch of 16) with --method entropy on a folder of .npy crops:
+    peak RSS grew 1.16× from 100 to 1500 samples, as the two workers' runs happened to coincide more often."""
+    import subprocess
+    import sys
+
+    folders = {count: _text_line_crops(tmp_path / f"crops{count}", count, seed=count) for count in (100, 1500)}
+    peaks = {}
+    for count, batch_size in ((100, 16), (1500, 16), (100, 64)):
+        run = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(PPOCR_CLS), str(folders[count]), str(count), str(batch_size)],
+                             capture_output=True, text=True, check=True,
+                             env=os.environ | {"PYTHONPATH": str(Path(edgeq.__file__).parents[1])})
+        peaks[(count, batch_size)] = int(run.stdout.split()[-1])
+    assert peaks[(1500, 16)] <= 1.10 * peaks[(100, 16)], peaks
+    assert peaks[(100, 64)] <= 1.10 * peaks[(100, 16)], peaks
