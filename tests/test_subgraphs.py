@@ -107,8 +107,9 @@ def test_fp16_converts_inside_if_branches_and_weights_only_branches_read():
     proto = if_model()
     q = edgeq.quantize(edgeq.Model(proto, None), edgeq.Fp16())
     assert q.summary.quantized.get("MatMul") == 3
-    assert _inner_initializers(q.proto).get(TensorProto.FLOAT16, 0) == 16 * 32 + 32 * 8
-    assert {t.name: t.data_type for t in q.proto.graph.initializer}["w3"] == TensorProto.FLOAT16
+    # the else branch's weight, a main-graph initializer only it reads, moved into the branch
+    assert _inner_initializers(q.proto) == {TensorProto.FLOAT16: 16 * 32 + 32 * 8 + 16 * 8}
+    assert "w3" not in {t.name for t in q.proto.graph.initializer}
     reference, converted = edgeq.Model(proto, None).session(), q.session()
     for positive in (True, False):
         x = if_inputs(positive)
@@ -129,3 +130,34 @@ def test_silero_fp16_halves_the_file_and_keeps_its_speech_decisions(name):
         expected, got = vad_probabilities(reference, audio), vad_probabilities(converted, audio)
         assert np.abs(expected - got).max() < 0.01
         assert np.mean((expected > 0.5) == (got > 0.5)) >= 0.99
+
+
+def test_dynamic_int8_quantizes_matmuls_inside_if_branches():
+    """Case 154: dynamic INT8 left If branches alone (Silero: nothing quantized, no word said)."""
+    proto = if_model()
+    q = edgeq.quantize(edgeq.Model(proto, None), edgeq.Int8Dynamic())
+    assert sum(q.summary.quantized.values()) == 3, q.summary.quantized
+    assert not q.summary.warnings
+    stored = _inner_initializers(q.proto)  # int8 weights (and zero points), one float32 scale per output channel
+    assert stored[TensorProto.INT8] >= 16 * 32 + 32 * 8 + 16 * 8 and stored[TensorProto.FLOAT] == 32 + 8 + 8
+    reference, quantized = edgeq.Model(proto, None).session(), q.session()
+    for positive in (True, False):
+        x = if_inputs(positive)
+        expected = reference.run(None, {"x": x})[0]
+        np.testing.assert_allclose(quantized.run(None, {"x": x})[0], expected, atol=0.05 * np.abs(expected).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["silero_vad", "silero_vad_16k_op15"])
+def test_silero_dynamic_int8_quantizes_the_lstm_in_its_branches(name):
+    """Case 154 on the model it came from (1.43× larger, nothing quantized); op15 crashed the checker: ONNX Runtime's
+    topological sort moved an If before the values its branches read (case 155)."""
+    path = SILERO / f"{name}.onnx"
+    q = edgeq.quantize(path, edgeq.Int8Dynamic())
+    assert q.summary.quantized.get("DynamicQuantizeLSTM", 0) >= 2
+    assert len(q.proto.SerializeToString()) < 0.85 * path.stat().st_size
+    reference, quantized = edgeq.load(path).session(), q.session()
+    for audio in streams(4):
+        expected, got = vad_probabilities(reference, audio), vad_probabilities(quantized, audio)
+        assert np.abs(expected - got).max() < 0.05
+        assert np.mean((expected > 0.5) == (got > 0.5)) >= 0.97

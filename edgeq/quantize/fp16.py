@@ -90,6 +90,8 @@ def convert_fp16(model: Model, config: Fp16) -> tuple[Model, QuantSummary]:
         raise ModelError(f"the float16 model still fails to load in ONNX Runtime after {MAX_LOAD_ATTEMPTS} fixes",
                          "block the failing op types with Fp16(block_ops=...) and report the model")
     summary = merge(_summary(source, plan, stats, notes, warnings, config), inside)
+    if not summary.quantized:
+        summary.warnings.append("no node could be converted to float16: the model stays float32")
     return Model(result, model.path, notes=list(summary.notes)), summary
 
 
@@ -103,6 +105,7 @@ def _convert_body(body, standalone: onnx.ModelProto, config: Fp16) -> tuple[onnx
         converted, summary = convert_fp16(Model(standalone, None), replace(config, keep_io_types=True))
     except UserError as exc:
         return f"left float32 ({exc.what})"
+    summary.warnings = [w for w in summary.warnings if not w.startswith("no node could be converted")]  # the model's to say
     return converted.proto, summary
 
 
@@ -669,8 +672,6 @@ def _summary(proto: onnx.ModelProto, plan: _Plan, stats: _Stats, notes: list[str
     warnings = list(warnings)
     if plan.unknown_block_nodes:
         warnings.append(f"block_nodes names no node of the model: {', '.join(plan.unknown_block_nodes)}")
-    if not converted:
-        warnings.append("no node could be converted to float16: the model stays float32")
     return QuantSummary("fp16", None, dict(sorted(converted.items())), left, notes, warnings)
 
 

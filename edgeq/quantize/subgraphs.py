@@ -84,15 +84,18 @@ def value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return types
 
 
-def as_model(body: Body, parent: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> onnx.ModelProto | None:
-    """The body as a standalone model; None when an outer-scope value it reads has no known type."""
-    if any(name not in types for name in body.captured):
+def as_model(body: Body, parent: onnx.ModelProto, types: dict[str, onnx.TypeProto],
+             owned: dict[str, onnx.TensorProto]) -> onnx.ModelProto | None:
+    """The body as a standalone model, with the outer initializers only it reads (`owned`) as its own; None when an
+    outer-scope value it reads has no known type."""
+    if any(name not in types for name in body.captured if name not in owned):
         return None
     graph = onnx.GraphProto()
     graph.CopyFrom(body.graph)
     formal = list(graph.input)
     del graph.input[:]
-    graph.input.extend(formal + [helper.make_value_info(name, types[name]) for name in body.captured])
+    graph.input.extend(formal + [helper.make_value_info(name, types[name]) for name in body.captured if name not in owned])
+    graph.initializer.extend(owned[name] for name in body.captured if name in owned)
     model = helper.make_model(graph, opset_imports=list(parent.opset_import), ir_version=parent.ir_version)
     model.functions.extend(parent.functions)
     return model
@@ -147,8 +150,11 @@ def quantize_bodies(source: onnx.ModelProto, target: onnx.ModelProto, quantize: 
     reserved = Names(target).used
     owners = {node.output[0]: node for node in target.graph.node if node.output}
     done: list[tuple[str, QuantSummary | str]] = []
-    for body in bodies(source):
-        standalone = as_model(body, source, types)
+    found = bodies(source)
+    owned = _owned_initializers(source, found)
+    for body in found:
+        mine = {name: owned[name] for name in body.captured if name in owned and owned[name] is not None}
+        standalone = as_model(body, source, types, mine)
         if standalone is None:
             done.append((body.label, "an outer-scope value it reads has no known type: left as it is"))
             continue
@@ -159,9 +165,33 @@ def quantize_bodies(source: onnx.ModelProto, target: onnx.ModelProto, quantize: 
         converted, summary = outcome
         owner = owners.get(body.node.output[0])
         slot = next(a for a in owner.attribute if a.name == body.attribute.name)
-        put_back(Body(owner, slot, body.captured), converted, reserved)
+        put_back(Body(owner, slot, [n for n in body.captured if n not in mine]), converted, reserved)
         done.append((body.label, summary))
+    _drop_unread_initializers(target)
     return done
+
+
+def _owned_initializers(proto: onnx.ModelProto, found: list[Body]) -> dict[str, onnx.TensorProto | None]:
+    """Main-graph initializers that exactly one body reads and nothing else does (the body quantizes them as its
+    own weights); None for those that several bodies share (both branches of an If), which stay outside."""
+    tensors = {t.name: t for t in proto.graph.initializer}
+    declared = {v.name for v in list(proto.graph.input) + list(proto.graph.output)}
+    read_outside = {name for node in proto.graph.node for name in node.input} | declared
+    readers: dict[str, int] = defaultdict(int)
+    for body in found:
+        for name in body.captured:
+            readers[name] += 1
+    return {name: (tensors[name] if count == 1 else None) for name, count in readers.items()
+            if name in tensors and name not in read_outside}
+
+
+def _drop_unread_initializers(proto: onnx.ModelProto) -> None:
+    read = {name for graph in all_graphs(proto.graph) for node in graph.node for name in node.input}
+    read |= {v.name for v in proto.graph.output}
+    kept = [t for t in proto.graph.initializer if t.name in read]
+    if len(kept) != len(proto.graph.initializer):
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
 
 
 def merge(summary: QuantSummary, done: list[tuple[str, QuantSummary | str]]) -> QuantSummary:
@@ -178,8 +208,6 @@ def merge(summary: QuantSummary, done: list[tuple[str, QuantSummary | str]]) -> 
         if inner.quantized:
             summary.notes.append(f"subgraph {label}: quantized " + ", ".join(f"{op} ×{n}" for op, n in sorted(inner.quantized.items())))
     summary.quantized = dict(sorted(quantized.items()))
-    if any(not isinstance(inner, str) and inner.quantized for _, inner in done):
-        summary.warnings = [w for w in summary.warnings if not w.startswith(("dynamic INT8 found no", "no node could be converted"))]
     return summary
 
 
