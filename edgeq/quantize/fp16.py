@@ -4,7 +4,7 @@ Why our own converter: onnxconverter-common and onnxruntime.transformers.float16
 float16 range (PP-OCR det's BatchNormalization variance of 9.8e7 becomes 65504 and the model breaks) and give
 float16 to inputs that the op schema fixes to float32, so MiniLM fails to load.
 
-How it decides, node by node (main graph; subgraphs are left whole):
+How it decides, node by node (subgraphs are converted as models of their own, float32 at their boundary):
 - the ONNX op schema says which inputs and outputs share the type variable of the node's first float32 output;
   exactly those become float16 (Resize scales, Pow exponents and the like keep their own types);
 - a node stays float32, listed with its reason, when its op type or name is blocked by the config, it holds a
@@ -37,6 +37,7 @@ from edgeq.model import Model, make_session
 from edgeq.quantize.config import Fp16
 from edgeq.quantize.prepare import constants_to_initializers
 from edgeq.quantize.repair.graph import Names, all_graphs, attr_graphs
+from edgeq.quantize.subgraphs import merge, outer_names, quantize_bodies
 from edgeq.quantize.summary import QuantSummary
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -71,6 +72,7 @@ def convert_fp16(model: Model, config: Fp16) -> tuple[Model, QuantSummary]:
     if moved:
         notes.append(f"moved {moved} Constant-node tensors to initializers")
     types, warnings = _tensor_types(source)
+    inside = quantize_bodies(source, source, functools.partial(_convert_body, config=config))
     rejected: dict[str, str] = {}
     for _ in range(MAX_LOAD_ATTEMPTS):
         plan = _plan(source, types, config, rejected)
@@ -87,8 +89,24 @@ def convert_fp16(model: Model, config: Fp16) -> tuple[Model, QuantSummary]:
     else:
         raise ModelError(f"the float16 model still fails to load in ONNX Runtime after {MAX_LOAD_ATTEMPTS} fixes",
                          "block the failing op types with Fp16(block_ops=...) and report the model")
-    summary = _summary(source, plan, stats, notes, warnings, config)
+    summary = merge(_summary(source, plan, stats, notes, warnings, config), inside)
+    if not summary.quantized:
+        summary.warnings.append("no node could be converted to float16: the model stays float32")
     return Model(result, model.path, notes=list(summary.notes)), summary
+
+
+def _convert_body(body, standalone: onnx.ModelProto, config: Fp16) -> tuple[onnx.ModelProto, QuantSummary] | str:
+    """A subgraph converted as a model of its own, float32 at its boundary (the enclosing node's types stay)."""
+    from dataclasses import replace
+
+    from edgeq.errors import UserError
+
+    try:
+        converted, summary = convert_fp16(Model(standalone, None), replace(config, keep_io_types=True))
+    except UserError as exc:
+        return f"left float32 ({exc.what})"
+    summary.warnings = [w for w in summary.warnings if not w.startswith("no node could be converted")]  # the model's to say
+    return converted.proto, summary
 
 
 # ---------------------------------------------------------------------------------------------------- schemas
@@ -310,7 +328,7 @@ def _decide(node: onnx.NodeProto, sig: _Signature | None, types: dict[str, onnx.
     if not float_outputs or node.op_type in TYPE_SETTING_OPS:
         return None
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-        return "holds a subgraph (If/Loop/Scan): kept float32 whole, with Casts at its boundary"
+        return "holds subgraphs (If/Loop/Scan): converted inside, float32 at its boundary"
     if sig is None:
         return f"no schema known for {node.domain or 'ai.onnx'}.{node.op_type}: its types cannot be checked"
     variable = sig.output_type(float_outputs[0])
@@ -425,7 +443,7 @@ def _wants(nodes: list[onnx.NodeProto], plan: _Plan, types: dict[str, onnx.TypeP
             # a slot sharing the type variable of a float32 output holds float32 even where inference lost its type
             if name and (converted or _elem(types, name) == FLOAT):
                 wants[name].append(((index, slot), FLOAT16 if converted else FLOAT))
-        for name in _outer_names(node):
+        for name in outer_names(node):
             if _elem(types, name) == FLOAT:
                 wants[name].append((("subgraph", index), FLOAT))
     for k, value in enumerate(outputs):
@@ -444,9 +462,12 @@ def _store_initializers(graph: onnx.GraphProto, wants: dict, have: dict[str, int
         values = numpy_helper.to_array(tensor)
         stats.bytes_before += values.nbytes
         kinds = {want for _, want in wants[tensor.name]}
+        # weights only subgraphs read (Silero's LSTM, read by both branches of an If) are stored in float16 and
+        # cast back once in the main graph, which ONNX Runtime folds at load: the file halves, the values round
+        captured_only = all(use[0] == "subgraph" for use, _ in wants[tensor.name]) and not _constant_problem(tensor.name, values)
         # float16 readers passed the range check, so the cast below cannot overflow
-        half = values.astype(np.float16) if FLOAT16 in kinds else None
-        if half is not None and (kinds == {FLOAT16} or np.array_equal(half.astype(np.float32), values, equal_nan=True)):
+        half = values.astype(np.float16) if FLOAT16 in kinds or captured_only else None
+        if half is not None and (kinds == {FLOAT16} or captured_only or np.array_equal(half.astype(np.float32), values, equal_nan=True)):
             graph.initializer[index].CopyFrom(numpy_helper.from_array(half, tensor.name))
             have[tensor.name] = FLOAT16
             stats.fp16_initializers += 1
@@ -543,7 +564,7 @@ def _collapse_casts(nodes: list[onnx.NodeProto], have: dict[str, int], graph_out
         first = producers.get(node.input[0]) if _plain_cast(node) else None
         if first is not None and _plain_cast(first) and _widens(have.get(first.input[0], 0), have.get(node.input[0], 0)):
             node.input[0] = first.input[0]
-    read = {name for node in nodes for name in list(node.input) + sorted(_outer_names(node))} | graph_outputs
+    read = {name for node in nodes for name in list(node.input) + sorted(outer_names(node))} | graph_outputs
     return [n for n in nodes if not (n.name.startswith("edgeq_cast_") and n.output[0] not in read)]
 
 
@@ -560,7 +581,7 @@ def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     key = [(producer.get(node.input[0], -1), 1, i) if node.name.startswith("edgeq_cast_") else (i, 0, i)
            for i, node in enumerate(nodes)]
-    deps = [{producer[name] for name in list(node.input) + sorted(_outer_names(node)) if name in producer} for node in nodes]
+    deps = [{producer[name] for name in list(node.input) + sorted(outer_names(node)) if name in producer} for node in nodes]
     readers: dict[int, list[int]] = defaultdict(list)
     for i, dep in enumerate(deps):
         for d in dep:
@@ -604,23 +625,6 @@ def _with_elem(value: onnx.TypeProto | None, elem: int) -> onnx.TypeProto | None
     if elem:
         copy.tensor_type.elem_type = elem
     return copy
-
-
-# ---------------------------------------------------------------------------------------------------- subgraphs
-
-def _outer_names(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs read from the enclosing scope (read inside, defined nowhere inside)."""
-    read, defined = set(), set()
-    for attr in node.attribute:
-        for subgraph in attr_graphs(attr):
-            for graph in all_graphs(subgraph):
-                defined.update(v.name for v in graph.input)
-                defined.update(t.name for t in graph.initializer)
-                for inner in graph.node:
-                    read.update(name for name in inner.input if name)
-                    defined.update(inner.output)
-                read.update(v.name for v in graph.output)
-    return read - defined
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -668,8 +672,6 @@ def _summary(proto: onnx.ModelProto, plan: _Plan, stats: _Stats, notes: list[str
     warnings = list(warnings)
     if plan.unknown_block_nodes:
         warnings.append(f"block_nodes names no node of the model: {', '.join(plan.unknown_block_nodes)}")
-    if not converted:
-        warnings.append("no node could be converted to float16: the model stays float32")
     return QuantSummary("fp16", None, dict(sorted(converted.items())), left, notes, warnings)
 
 

@@ -17,6 +17,7 @@ from edgeq.model import Model
 from edgeq.quantize.config import Int8Dynamic, Int8Static
 from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare
 from edgeq.quantize.repair import correct_bias
+from edgeq.quantize.subgraphs import merge, quantize_bodies, toposort
 from edgeq.quantize.summary import QuantSummary, summarize
 
 ACTIVATION_TYPES = ("uint8", "int8")
@@ -39,9 +40,10 @@ def quantize_dynamic(model: Model, config: Int8Dynamic) -> tuple[Model, QuantSum
                               QuantType.QInt8, QuantType.QUInt8, None, [], list(config.exclude_nodes),
                               list(config.op_types), {"MatMulConstBOnly": True})
     quantizer.quantize_model()
-    quantizer.model.topological_sort()
+    toposort(quantizer.model.model.graph)
     result = Model(quantizer.model.model, model.path)
     summary = summarize(prepared.proto, result.proto, config.op_types, notes, precision="int8", mode="dynamic")
+    summary = merge(summary, quantize_bodies(prepared.proto, result.proto, lambda body, standalone: _dynamic_body(standalone, config)))
     if not summary.quantized:
         summary.warnings.append(f"dynamic INT8 found no {'/'.join(config.op_types)} nodes with constant weights: the model stays FP32; "
                                 "use static INT8 (--mode static --calib DATA) for convolutional models")
@@ -49,6 +51,13 @@ def quantize_dynamic(model: Model, config: Int8Dynamic) -> tuple[Model, QuantSum
         summary.warnings.append(f"Conv was quantized dynamically (ConvInteger), which has no fast x86 kernel: {_measured_slowdown(prepared, result)}; "
                                 "static INT8 (--mode static --calib DATA) is the fast path for convolutions")
     return result, summary
+
+
+def _dynamic_body(standalone: onnx.ModelProto, config: Int8Dynamic) -> tuple[onnx.ModelProto, QuantSummary]:
+    """A subgraph quantized as a model of its own; the whole-model warnings are the enclosing model's to give."""
+    body, summary = quantize_dynamic(Model(standalone, None), config)
+    summary.warnings = [w for w in summary.warnings if not w.startswith(("dynamic INT8 found no", "Conv was quantized dynamically"))]
+    return body.proto, summary
 
 
 def _measured_slowdown(before: Model, after: Model, runs: int = 10) -> str:

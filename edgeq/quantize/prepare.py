@@ -6,12 +6,15 @@ initializers then quantizes activations alone and the model grows. Per-channel D
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
 from edgeq.model import Model, opset_of, ort_session
+from edgeq.quantize.repair.graph import Names, all_graphs
 
 PER_CHANNEL_OPSET = 13
 
@@ -42,8 +45,6 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
         tensor = onnx.TensorProto()
         tensor.CopyFrom(attr.t)
         return tensor
-    import numpy as np
-
     values = {"value_float": (attr.f, np.float32), "value_floats": (list(attr.floats), np.float32),
               "value_int": (attr.i, np.int64), "value_ints": (list(attr.ints), np.int64)}
     if attr.name not in values:
@@ -88,6 +89,61 @@ def optimize_basic(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(str(out))
 
 
+def gemm_biases_to_vectors(proto: onnx.ModelProto) -> int:
+    """Give every constant Gemm bias the 1-D shape (N,) of the output channels; returns how many changed.
+
+    Gemm's C may be any shape that broadcasts to (M, N), and ONNX Runtime's MatMul+Add fusion writes (1, N). Its
+    quantizer reads C as one int32 bias per output channel (scale = input scale × weight scale of that channel):
+    a (1, N) bias crashes its per-channel scale adjustment, a scalar one would be quantized with the first channel's
+    scale. A bias that varies along M is not a bias per channel: it moves to an Add after the Gemm."""
+    graph = proto.graph
+    tensors = {t.name: t for t in graph.initializer}
+    readers = Counter(name for g in all_graphs(graph) for node in g.node for name in node.input)
+    added, changed, names = [], 0, Names(proto)
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in tensors or node.input[1] not in tensors:
+            continue
+        bias, weight = tensors[node.input[2]], tensors[node.input[1]]
+        channels = weight.dims[0] if _attr_int(node, "transB") else weight.dims[-1]
+        if list(bias.dims) == [channels]:
+            continue
+        values = numpy_helper.to_array(bias)
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+        vector = _as_channel_vector(values, channels)
+        scaled = ((values if vector is None else vector) * beta).astype(values.dtype)
+        name = node.input[2] if readers[node.input[2]] == 1 else names.fresh(f"{node.input[2]}_scaled")
+        if name == node.input[2]:
+            bias.CopyFrom(numpy_helper.from_array(scaled, name))
+        else:
+            graph.initializer.append(numpy_helper.from_array(scaled, name))
+        for attribute in node.attribute:
+            if attribute.name == "beta":
+                attribute.f = 1.0
+        changed += 1
+        if vector is None:  # varies along the rows: an elementwise Add after a bias-free Gemm
+            product = names.fresh(node.output[0] + "_without_bias")
+            added.append((index, onnx.helper.make_node("Add", [product, name], [node.output[0]],
+                                                       name=(node.name or node.output[0]) + "_bias")))
+            del node.input[2]
+            node.output[0] = product
+        else:
+            node.input[2] = name
+    for offset, (index, add) in enumerate(added):
+        graph.node.insert(index + 1 + offset, add)
+    return changed
+
+
+def _attr_int(node: onnx.NodeProto, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
+
+
+def _as_channel_vector(values: np.ndarray, channels: int) -> np.ndarray | None:
+    """The (N,) vector a bias broadcasts to when it is constant along the rows, else None."""
+    if values.ndim > 2 or (values.ndim == 2 and values.shape[0] != 1) or values.size not in (1, channels):
+        return None
+    return np.broadcast_to(values.reshape(-1), (channels,)).copy()
+
+
 def prepare(model: Model, *, per_channel: bool) -> tuple[Model, list[str]]:
     """Return a quantizable copy of the model and notes on what was changed."""
     proto = onnx.ModelProto()
@@ -101,6 +157,9 @@ def prepare(model: Model, *, per_channel: bool) -> tuple[Model, list[str]]:
         if note:
             notes.append(note)
     proto = optimize_basic(proto)
+    reshaped = gemm_biases_to_vectors(proto)
+    if reshaped:
+        notes.append(f"gave {reshaped} Gemm biases the per-channel shape (N,) the quantizer's int32 bias expects")
     try:
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception:
