@@ -161,6 +161,7 @@ def bench(
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 1,
     runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 5,
+    rounds: Annotated[int, typer.Option(help="The runs are split into rounds; the models take turns in each (same load for all).")] = 10,
     data: Annotated[Optional[Path], typer.Option(help="DATA to feed (first batch); random inputs otherwise.")] = None,
     batch: Annotated[int, typer.Option(help="Batch size for dynamic batch dimensions.")] = 1,
     shape: Annotated[Optional[list[str]], typer.Option(help="Input shape for dynamic dims, e.g. x=1,3,736,992 (repeatable).")] = None,
@@ -168,17 +169,21 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON.")] = None,
     force: Force = False,
 ) -> None:
-    """Measure size, latency p50/p90/p99, throughput and peak memory (one process per model)."""
+    """Measure size, latency p50/p90/p99, throughput and peak memory (one process per model, timed in rounds)."""
     from edgeq import atomic
-    from edgeq.bench import BenchConfig, bench_table, benchmark, parse_shapes
+    from edgeq.bench import BenchConfig, benchmark, parse_shapes
+    from edgeq.bench_table import print_bench
 
     if json_out:
         atomic.check_writable(json_out, force=force, protect=(*models, data))
-    config = BenchConfig(threads=threads, runs=runs, warmup=warmup, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
+    config = BenchConfig(threads=threads, runs=runs, warmup=warmup, rounds=rounds, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
     records = benchmark(models, config)
-    out.print(bench_table(records))
+    print_bench(out, records)
     if json_out:
-        atomic.write_json(json_out, {"config": config.to_dict(), "models": [r.to_dict() for r in records]})
+        from edgeq.rounds import speedups, timing_warnings
+
+        atomic.write_json(json_out, {"config": config.to_dict(), "models": [r.to_dict() for r in records],
+                                     "speedups": [vars(s) for s in speedups(records)], "warnings": timing_warnings(records)})
 
 
 @app.command()
