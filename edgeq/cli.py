@@ -61,6 +61,11 @@ class ActivationType(str, Enum):
     int8 = "int8"
 
 
+class Coverage(str, Enum):
+    measured = "measured"
+    all = "all"
+
+
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Preset = Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey, with optional overrides, "
                                                      "e.g. imagenet,size=256x256,layout=NHWC,mean=0.5/0.5/0.5.")]
@@ -85,6 +90,8 @@ def quantize(
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Static INT8: correct each layer's bias for its mean quantization error.")] = False,
     equalize: Annotated[bool, typer.Option("--equalize", help="Static INT8: cross-layer equalization of consecutive conv/linear layers.")] = False,
     smoothquant: Annotated[Optional[str], typer.Option(help="Static INT8: SmoothQuant for MatMul/Gemm inputs: migration strength alpha (e.g. 0.5), or auto (per layer).")] = None,
+    coverage: Annotated[Coverage, typer.Option(help="Static INT8: measured (nodes whose int8 kernel measures slower than float here stay float) or all.")] = Coverage.measured,
+    threads: Annotated[int, typer.Option(help="Static INT8: intra-op threads of the target, for --coverage measured.")] = 1,
     block_size: Annotated[int, typer.Option(help="INT4: weights per block along the reduction axis (16, 32, 64, 128).")] = 32,
     algorithm: Annotated[Algorithm, typer.Option(help="INT4: rtn (round to nearest), gptq or awq (both need --calib).")] = Algorithm.rtn,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="INT4: symmetric blocks, or a zero point per block.")] = True,
@@ -126,7 +133,8 @@ def quantize(
         config = cfg.Int8Static(method=method.value, percentile=percentile, per_channel=per_channel,
                                 activation_type=activation_type.value, op_types=ops or cfg.STATIC_OP_TYPES,
                                 exclude_nodes=tuple(exclude or ()), max_samples=max_samples, weight_range=weight_range.value,
-                                bias_correction=bias_correction, equalize=equalize, smoothquant=_smoothquant_alpha(smoothquant))
+                                bias_correction=bias_correction, equalize=equalize, smoothquant=_smoothquant_alpha(smoothquant),
+                                coverage=coverage.value, threads=threads)
         data = edgeq.open_data(calib, preset)
     result = edgeq.quantize(source, config, calib=data)
     result.save(output, force=force)

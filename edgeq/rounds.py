@@ -153,6 +153,34 @@ class _Worker:
         raise RuntimeError(f"benchmark worker for {self.path} exited with code {code}: {last[:300]}")
 
 
+def interleaved_round_ms(protos: Sequence, feed: dict[str, np.ndarray], threads: int, rounds: int, runs_per_round: int) -> list[list[float]]:
+    """In-process interleaved timing of several models on one feed: per model, the median of each round's burst
+    (order rotating by round, one untimed run before each burst). Pair them with `Speedup.of`."""
+    import time
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 4
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = [ort.InferenceSession(p.SerializeToString(), opts, providers=["CPUExecutionProvider"]) for p in protos]
+    for session in sessions:
+        session.run(None, feed)
+    found: list[list[float]] = [[] for _ in sessions]
+    for r in range(rounds):
+        for k in range(len(sessions)):
+            i = (r + k) % len(sessions)
+            sessions[i].run(None, feed)
+            times = []
+            for _ in range(runs_per_round):
+                begin = time.perf_counter_ns()
+                sessions[i].run(None, feed)
+                times.append(time.perf_counter_ns() - begin)
+            found[i].append(float(np.median(times)) / 1e6)
+    return found
+
+
 # ----- the worker side ----------------------------------------------------------------------------------------
 
 def _say(answer: dict[str, Any]) -> None:
