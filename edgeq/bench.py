@@ -1,8 +1,9 @@
 """Benchmark ONNX models on ONNX Runtime: file size, latency percentiles, throughput and peak memory.
 
 Every model is measured in a fresh Python process (a "worker"), so the memory one model leaves behind, and the
-memory of the calling process, never count against another model. The worker reports back through a small JSON
-file; a UserError raised inside it (a bad model, data that does not fit) is raised again here with the same text.
+memory of the calling process, never count against another model. The workers take turns in rounds
+(`edgeq.rounds`), so background load lands on every model alike; a UserError raised inside a worker (a bad model,
+data that does not fit) is raised again here with the same text.
 
 >>> import edgeq.bench as bench
 >>> records = bench.benchmark(["model.onnx", "model_int8.onnx"], threads=1, runs=50)   # doctest: +SKIP
@@ -13,13 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeq import errors, formats
-from edgeq.errors import ConfigError, DataError, ModelError, UserError
+from edgeq import formats
+from edgeq.bench_table import bench_table  # noqa: F401 - the table renders these records; importable from here
+from edgeq.errors import ConfigError, DataError, ModelError
 from edgeq.limits import check_feed_size
+from edgeq.memory import peak_rss_kib, reset_peak, rss_kib
 from edgeq.model import TensorSpec
-from edgeq.progress import track
 
 # Integer inputs are usually token ids or indices: small non-negative values are valid for almost any vocabulary.
 RANDOM_INT_HIGH = 100
@@ -42,7 +39,9 @@ RANDOM_SEED = 0
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """How to measure: threads, timed and untimed runs, batch size, shapes for dynamic dims, and the feed.
+    """How to measure: threads, timed and untimed runs, rounds, batch size, shapes for dynamic dims, and the feed.
+
+    The `runs` are split into `rounds`; in each round every model runs its share in turn (`edgeq.rounds`).
 
     >>> BenchConfig(threads=2, runs=20).to_dict()["runs"]
     20
@@ -58,10 +57,12 @@ class BenchConfig:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: Path | None = None
     preset: str = "raw"
+    rounds: int = 10
 
     def __post_init__(self) -> None:
         _require_int("threads", self.threads, 1, "--threads")
         _require_int("runs", self.runs, 1, "--runs")
+        _require_int("rounds", self.rounds, 1, "--rounds")
         _require_int("warmup", self.warmup, 0, "--warmup")
         _require_int("batch", self.batch, 1, "--batch")
         # Copies, so the frozen config cannot change through a dict the caller still holds.
@@ -72,12 +73,13 @@ class BenchConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"threads": self.threads, "runs": self.runs, "warmup": self.warmup, "batch": self.batch,
                 "shapes": {k: list(v) for k, v in self.shapes.items()},
-                "data": None if self.data is None else str(self.data), "preset": self.preset}
+                "data": None if self.data is None else str(self.data), "preset": self.preset, "rounds": self.rounds}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BenchConfig":
         return cls(threads=d["threads"], runs=d["runs"], warmup=d["warmup"], batch=d["batch"],
-                   shapes={k: tuple(v) for k, v in d.get("shapes", {}).items()}, data=d.get("data"), preset=d.get("preset", "raw"))
+                   shapes={k: tuple(v) for k, v in d.get("shapes", {}).items()}, data=d.get("data"), preset=d.get("preset", "raw"),
+                   rounds=d.get("rounds", cls.rounds))
 
 
 def _require_int(name: str, value: Any, minimum: int, flag: str) -> None:
@@ -172,6 +174,7 @@ class BenchRecord:
     onnxruntime: str
     times_ms: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    round_p50_ms: list[float] = field(default_factory=list)  # median of each round's burst, in round order
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,7 +207,9 @@ def benchmark(paths: Sequence[str | Path] | str | Path, config: BenchConfig | No
         _check_model_path(path)
     if config.data is not None and not config.data.exists():
         raise DataError(f"data not found: {config.data}", "check the path")
-    return [_run_worker(path, config) for path in track(paths, "benchmarking", total=len(paths))]
+    from edgeq.rounds import run_interleaved
+
+    return run_interleaved(paths, config, _WORKER_CODE, _worker_env())
 
 
 def _config(config: BenchConfig | None, options: dict[str, Any]) -> BenchConfig:
@@ -222,27 +227,7 @@ def _check_model_path(path: Path) -> None:
         raise ModelError(f"{path} is a folder, not an ONNX model file", "give the path of the .onnx file")
 
 
-_WORKER_CODE = "import sys; from edgeq.bench import _worker_main; sys.exit(_worker_main(sys.argv[1:]))"
-
-
-def _run_worker(path: Path, config: BenchConfig) -> BenchRecord:
-    """Run one measurement in a fresh interpreter and turn its answer back into a record or an error."""
-    with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        request = json.dumps({"path": str(path), "config": config.to_dict(), "result": str(result_file)})
-        proc = subprocess.run([sys.executable, "-c", _WORKER_CODE, request], env=_worker_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
-        if not result_file.exists():
-            _raise_worker_death(path, proc)
-        answer = json.loads(result_file.read_text())
-    if "error" in answer:
-        err = answer["error"]
-        cls = getattr(errors, err["type"], UserError)
-        cls = cls if isinstance(cls, type) and issubclass(cls, UserError) else UserError
-        raise cls(err["what"], err["fix"])
-    if "bug" in answer:
-        raise RuntimeError(f"benchmark worker failed on {path}: {answer['bug']}")
-    return BenchRecord.from_dict(answer["record"])
+_WORKER_CODE = "import sys; from edgeq.rounds import worker_main; sys.exit(worker_main(sys.argv[1:]))"
 
 
 def _worker_env() -> dict[str, str]:
@@ -253,61 +238,74 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _raise_worker_death(path: Path, proc: subprocess.CompletedProcess) -> None:
-    last = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()), "no message")
-    if proc.returncode < 0:
-        # Killed by a signal: most often the kernel's out-of-memory killer or a crash inside ONNX Runtime.
-        raise ModelError(f"the process measuring {path} was killed by signal {-proc.returncode} ({last[:200]})",
-                         "if memory ran out, close other programs or use a smaller --batch; otherwise check the model in ONNX Runtime")
-    raise RuntimeError(f"benchmark worker for {path} exited with code {proc.returncode}: {last[:300]}")
-
-
 # ----- the worker side: load, feed, time, measure memory ---------------------------------------------------
 
-def _worker_main(argv: list[str]) -> int:
-    """Entry point of the worker process: measure one model and write the answer as JSON."""
-    request = json.loads(argv[0])
-    try:
-        record = measure(Path(request["path"]), BenchConfig.from_dict(request["config"]))
-        answer: dict[str, Any] = {"record": record.to_dict()}
-    except UserError as exc:
-        answer = {"error": {"type": type(exc).__name__, "what": exc.what, "fix": exc.fix}}
-    except Exception as exc:  # noqa: BLE001 - reported to the parent as a bug, with the traceback on stderr
-        traceback.print_exc()
-        answer = {"bug": f"{type(exc).__name__}: {exc}"}
-    Path(request["result"]).write_text(json.dumps(answer))
-    return 0
+@dataclass
+class Running:
+    """A loaded, warmed-up model in this process, timed in bursts; `finish` turns it into a record."""
+
+    path: Path
+    config: BenchConfig
+    specs: list[TensorSpec]
+    feed: dict[str, np.ndarray]
+    feed_label: str
+    notes: list[str]
+    session: Any
+    base_kib: float
+    times_ms: list[np.ndarray] = field(default_factory=list)
+
+    def time(self, count: int) -> np.ndarray:
+        """`count` timed runs, milliseconds each (also kept for the record)."""
+        times = _time_runs(self.session, self.feed, count, self.path)
+        self.times_ms.append(times)
+        return times
+
+    def rewarm(self) -> None:
+        _time_runs(self.session, self.feed, 1, self.path)
+
+
+def start(path: str | Path, config: BenchConfig) -> Running:
+    """Load and check the model, build the feed, open the session and run the warm-up."""
+    path = Path(path)
+    base_kib = rss_kib()
+    specs, feed, feed_label, notes = _prepare(path, config)
+    # The peak should show what ONNX Runtime needs, not edgeq's own validating load of the model, which is freed.
+    reset_peak()
+    running = Running(path, config, specs, feed, feed_label, notes, _session(path, config.threads), base_kib)
+    if config.warmup:
+        _time_runs(running.session, feed, config.warmup, path)
+    return running
+
+
+def finish(running: Running) -> BenchRecord:
+    """The record of every timed run so far, with the peak memory, and the session closed."""
+    import onnxruntime as ort
+
+    peak_kib = peak_rss_kib()
+    running.session = None
+    times_ms = np.concatenate(running.times_ms)
+    batch = _batch_of(running.feed, running.specs)
+    size, files = model_size(running.path)
+    latency = Latency.of(times_ms)
+    config = running.config
+    return BenchRecord(
+        path=str(running.path), name=running.path.stem, size_bytes=size, files=files, threads=config.threads, batch=batch,
+        runs=len(times_ms), warmup=config.warmup, latency_ms=latency, throughput=batch / (latency.mean / 1000.0),
+        peak_rss_mb=peak_kib / 1024.0, model_rss_mb=max(peak_kib - running.base_kib, 0) / 1024.0,
+        input_shapes={k: list(v.shape) for k, v in running.feed.items()}, feed=running.feed_label,
+        onnxruntime=ort.__version__, times_ms=[float(t) for t in times_ms], notes=running.notes)
 
 
 def measure(path: str | Path, config: BenchConfig) -> BenchRecord:
-    """Measure one model in this process. `benchmark` calls it in a fresh worker; call it directly only for tests
-    or when memory figures do not matter (they include whatever this process already holds).
+    """Measure one model in this process, all runs in one go. `benchmark` runs workers in rounds; call this
+    directly only for tests or when memory figures do not matter (they include whatever this process holds).
 
     >>> measure("model.onnx", BenchConfig(runs=10)).latency_ms.p50          # doctest: +SKIP
     0.52
     """
-    import onnxruntime as ort
-
-    from edgeq.model import make_session
-
-    path = Path(path)
-    base_kib = _rss_kib()
-    specs, feed, feed_label, notes = _prepare(path, config)
-    # The peak should show what ONNX Runtime needs, not edgeq's own validating load of the model, which is freed.
-    _reset_peak()
-    session = _session(make_session, path, config.threads)
-    times_ms = _time_runs(session, feed, config, path)
-    peak_kib = _peak_rss_kib()
-    del session
-    batch = _batch_of(feed, specs)
-    size, files = model_size(path)
-    latency = Latency.of(times_ms)
-    return BenchRecord(
-        path=str(path), name=path.stem, size_bytes=size, files=files, threads=config.threads, batch=batch,
-        runs=config.runs, warmup=config.warmup, latency_ms=latency, throughput=batch / (latency.mean / 1000.0),
-        peak_rss_mb=peak_kib / 1024.0, model_rss_mb=max(peak_kib - base_kib, 0) / 1024.0,
-        input_shapes={k: list(v.shape) for k, v in feed.items()}, feed=feed_label, onnxruntime=ort.__version__,
-        times_ms=[float(t) for t in times_ms], notes=notes)
+    running = start(path, config)
+    running.time(config.runs)
+    return finish(running)
 
 
 def _prepare(path: Path, config: BenchConfig) -> tuple[list[TensorSpec], dict[str, np.ndarray], str, list[str]]:
@@ -364,8 +362,7 @@ def random_feed(specs: list[TensorSpec], config: BenchConfig, model_label: str =
 
     Dynamic dims: axis 0 is the batch (`config.batch`); others come from `config.shapes`, or it is a ConfigError.
 
-    >>> from edgeq.limits import check_feed_size
-from edgeq.model import TensorSpec
+    >>> from edgeq.model import TensorSpec
     >>> feed = random_feed([TensorSpec("x", np.dtype("float32"), ("N", 3, 8, 8))], BenchConfig(batch=2))
     >>> feed["x"].shape, feed["x"].dtype
     ((2, 3, 8, 8), dtype('float32'))
@@ -440,24 +437,30 @@ def _batch_of(feed: dict[str, np.ndarray], specs: list[TensorSpec]) -> int:
     return 1
 
 
-def _session(make_session, path: Path, threads: int):
+def _session(path: Path, threads: int):
+    """A CPU session like `edgeq.model.make_session`, with spinning off: a worker idle while the others take their
+    turn must not keep cores busy (with 2 threads on 2 cores, spinning workers slowed every model down)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 4
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return make_session(path, threads=threads)
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; all mean "cannot load"
         raise ModelError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}",
                          "check that the model runs in ONNX Runtime (operators, opset, types)") from None
 
 
-def _time_runs(session, feed: dict[str, np.ndarray], config: BenchConfig, path: Path) -> np.ndarray:
-    """`warmup` untimed runs, then `runs` timed ones; returns milliseconds per run."""
+def _time_runs(session, feed: dict[str, np.ndarray], count: int, path: Path) -> np.ndarray:
+    """`count` timed runs; returns milliseconds per run."""
     try:
-        for _ in range(config.warmup):
+        times = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            begin = time.perf_counter_ns()
             session.run(None, feed)
-        times = np.empty(config.runs, dtype=np.int64)
-        for i in range(config.runs):
-            start = time.perf_counter_ns()
-            session.run(None, feed)
-            times[i] = time.perf_counter_ns() - start
+            times[i] = time.perf_counter_ns() - begin
     except Exception as exc:  # noqa: BLE001 - a run failure is almost always inputs that do not fit the model
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
         raise ModelError(f"ONNX Runtime failed to run {path} on inputs {shapes}: {_first_line(exc)}",
@@ -492,103 +495,3 @@ def model_size(path: str | Path) -> tuple[int, list[str]]:
     files = [path] + [folder / loc for loc in sorted(locations)]
     return sum(f.stat().st_size for f in files), [str(f) for f in files]
 
-
-# ----- memory: Linux /proc first, because ru_maxrss inherits the parent's peak across fork+exec -------------
-
-def _proc_status() -> dict[str, int]:
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    fields = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])  # kB
-    return fields
-
-
-def _rss_kib() -> float:
-    """Resident memory now, in KiB."""
-    status = _proc_status()
-    if "VmRSS" in status:
-        return float(status["VmRSS"])
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1024.0
-
-
-def _peak_rss_kib() -> float:
-    """Peak resident memory of this process, in KiB.
-
-    On Linux the kernel copies the parent's peak into a child's ru_maxrss at exec, so a worker started from a big
-    process would report the parent's size; /proc/self/status VmHWM belongs to this process alone.
-    """
-    status = _proc_status()
-    if "VmHWM" in status:
-        return float(status["VmHWM"])
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024.0 if sys.platform == "darwin" else float(peak)  # bytes on macOS, KiB elsewhere
-
-
-def _reset_peak() -> bool:
-    """Reset the peak to the current RSS (Linux 4.0+); where that is impossible the peak includes earlier steps."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-# ----- rendering --------------------------------------------------------------------------------------------
-
-def bench_table(records: Sequence[BenchRecord]):
-    """A rich Table of the records; the first model is the baseline for the size ratio and the speed-up.
-
-    >>> from rich.console import Console
-    >>> Console().print(bench_table(benchmark(["a.onnx", "a_int8.onnx"])))          # doctest: +SKIP
-    """
-    from rich import box
-    from rich.table import Table
-
-    # A light box keeps nine columns within an 80-column terminal.
-    table = Table(title=_title(records), caption="baseline: the first model; speed-up = baseline p50 / p50", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
-    for header in ("model", "size MB", "size ×", "p50 ms", "p90 ms", "p99 ms", "speed-up", "samples/s", "peak MB"):
-        table.add_column(header, justify="left" if header == "model" else "right")
-    if not records:
-        return table
-    base = records[0]
-    labels = _labels(records)
-    for label, r in zip(labels, records):
-        table.add_row(label, _fmt_mb(r.size_bytes / 1e6), f"{r.size_bytes / base.size_bytes:.2f}×",
-                      _fmt_ms(r.latency_ms.p50), _fmt_ms(r.latency_ms.p90), _fmt_ms(r.latency_ms.p99),
-                      f"{base.latency_ms.p50 / r.latency_ms.p50:.2f}×", _fmt_rate(r.throughput), f"{r.peak_rss_mb:,.0f}")
-    return table
-
-
-def _title(records: Sequence[BenchRecord]) -> str:
-    if not records:
-        return "benchmark"
-    r = records[0]
-    return f"ONNX Runtime {r.onnxruntime} CPU, {r.threads} thread{'s' if r.threads != 1 else ''}, batch {r.batch}, {r.runs} runs"
-
-
-def _labels(records: Sequence[BenchRecord]) -> list[str]:
-    # Two files may share a stem (a/model.onnx, b/model.onnx): show their paths then.
-    names = [r.name for r in records]
-    return [r.path if names.count(r.name) > 1 else r.name for r in records]
-
-
-def _fmt_mb(mb: float) -> str:
-    return f"{mb:,.2f}" if mb >= 1 else f"{mb:.3f}"
-
-
-def _fmt_rate(per_s: float) -> str:
-    return f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.1f}"
-
-
-def _fmt_ms(ms: float) -> str:
-    return f"{ms:.1f}" if ms >= 100 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"

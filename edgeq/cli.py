@@ -63,6 +63,11 @@ class ActivationType(str, Enum):
     int8 = "int8"
 
 
+class Coverage(str, Enum):
+    measured = "measured"
+    all = "all"
+
+
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Preset = Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey, with optional overrides, "
                                                      "e.g. imagenet,size=256x256,layout=NHWC,mean=0.5/0.5/0.5.")]
@@ -87,6 +92,8 @@ def quantize(
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Static INT8: correct each layer's bias for its mean quantization error.")] = False,
     equalize: Annotated[bool, typer.Option("--equalize", help="Static INT8: cross-layer equalization of consecutive conv/linear layers.")] = False,
     smoothquant: Annotated[Optional[str], typer.Option(help="Static INT8: SmoothQuant for MatMul/Gemm inputs: migration strength alpha (e.g. 0.5), or auto (per layer).")] = None,
+    coverage: Annotated[Coverage, typer.Option(help="Static INT8: measured (nodes whose int8 kernel measures slower than float here stay float) or all.")] = Coverage.measured,
+    threads: Annotated[int, typer.Option(help="Static INT8: intra-op threads of the target, for --coverage measured.")] = 1,
     block_size: Annotated[int, typer.Option(help="INT4: weights per block along the reduction axis (16, 32, 64, 128).")] = 32,
     algorithm: Annotated[Algorithm, typer.Option(help="INT4: rtn (round to nearest), gptq or awq (both need --calib).")] = Algorithm.rtn,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="INT4: symmetric blocks, or a zero point per block.")] = True,
@@ -130,7 +137,8 @@ def quantize(
         config = cfg.Int8Static(method=method.value, percentile=percentile, per_channel=per_channel,
                                 activation_type=activation_type.value, op_types=ops or cfg.STATIC_OP_TYPES,
                                 exclude_nodes=tuple(exclude or ()), max_samples=max_samples, weight_range=weight_range.value,
-                                bias_correction=bias_correction, equalize=equalize, smoothquant=_smoothquant_alpha(smoothquant))
+                                bias_correction=bias_correction, equalize=equalize, smoothquant=_smoothquant_alpha(smoothquant),
+                                coverage=coverage.value, threads=threads)
         data = edgeq.open_data(calib, preset)
     result = edgeq.quantize(source, config, calib=data)
     result.save(output, force=force)
@@ -165,6 +173,7 @@ def bench(
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 1,
     runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 5,
+    rounds: Annotated[int, typer.Option(help="The runs are split into rounds; the models take turns in each (same load for all).")] = 10,
     data: Annotated[Optional[Path], typer.Option(help="DATA to feed (first batch); random inputs otherwise.")] = None,
     batch: Annotated[int, typer.Option(help="Batch size for dynamic batch dimensions.")] = 1,
     shape: Annotated[Optional[list[str]], typer.Option(help="Input shape for dynamic dims, e.g. x=1,3,736,992 (repeatable).")] = None,
@@ -172,17 +181,21 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON.")] = None,
     force: Force = False,
 ) -> None:
-    """Measure size, latency p50/p90/p99, throughput and peak memory (one process per model)."""
+    """Measure size, latency p50/p90/p99, throughput and peak memory (one process per model, timed in rounds)."""
     from edgeq import atomic
-    from edgeq.bench import BenchConfig, bench_table, benchmark, parse_shapes
+    from edgeq.bench import BenchConfig, benchmark, parse_shapes
+    from edgeq.bench_table import print_bench
 
     if json_out:
         atomic.check_writable(json_out, force=force, protect=(*models, data))
-    config = BenchConfig(threads=threads, runs=runs, warmup=warmup, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
+    config = BenchConfig(threads=threads, runs=runs, warmup=warmup, rounds=rounds, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
     records = benchmark(models, config)
-    out.print(bench_table(records))
+    print_bench(out, records)
     if json_out:
-        atomic.write_json(json_out, {"config": config.to_dict(), "models": [r.to_dict() for r in records]})
+        from edgeq.rounds import speedups, timing_warnings
+
+        atomic.write_json(json_out, {"config": config.to_dict(), "models": [r.to_dict() for r in records],
+                                     "speedups": [vars(s) for s in speedups(records)], "warnings": timing_warnings(records)})
 
 
 @app.command()

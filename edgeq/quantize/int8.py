@@ -15,6 +15,7 @@ from edgeq.data import Dataset
 from edgeq.errors import ConfigError, DataError
 from edgeq.model import Model
 from edgeq.quantize.config import Int8Dynamic, Int8Static
+from edgeq.quantize.coverage import COVERAGES, annotate, choose_for
 from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare
 from edgeq.quantize.repair import correct_bias
 from edgeq.quantize.subgraphs import merge, quantize_bodies, toposort
@@ -93,6 +94,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         raise ConfigError(f"unknown activation type {config.activation_type!r}", f"use one of: {', '.join(ACTIVATION_TYPES)}")
     if calib is None:
         raise DataError("static INT8 needs calibration data", "pass --calib DATA (a few hundred representative samples)")
+    if config.coverage not in COVERAGES:
+        raise ConfigError(f"unknown coverage {config.coverage!r}", f"use one of: {', '.join(COVERAGES)}")
     if config.weight_bits not in WEIGHT_BITS:
         raise ConfigError(f"static quantization takes weight_bits 8 or 4, not {config.weight_bits!r}", "use 8 (INT8) or 4 (W4A8)")
     _quiet_ort_logging()
@@ -114,7 +117,7 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
 
     folded = folded_activations(prepared.proto, config.op_types, tuple(config.exclude_nodes))
 
-    def qdq(ranges: dict[str, tuple]) -> Model:
+    def qdq(ranges: dict[str, tuple], float_nodes: tuple[str, ...] = ()) -> Model:
         ranges = dict(ranges)
         for pre, post in folded.items():  # never observed: the quantizer folds them into the activation's output
             if pre not in ranges and post in ranges:
@@ -125,7 +128,7 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         source = onnx.ModelProto()
         source.CopyFrom(prepared.proto)  # the quantizer rewrites the graph it is given; auto quantizes several times
         quantizer = QDQQuantizer(source, per_channel, False, weight, activation, data, [],
-                                 list(config.exclude_nodes), list(config.op_types), options)
+                                 list(config.exclude_nodes) + list(float_nodes), list(config.op_types), options)
         quantizer.quantize_model()
         quantizer.model.topological_sort()
         return Model(quantizer.model.model, model.path)
@@ -137,6 +140,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     cal = to_calibration(seen, method, percentile=config.percentile, symmetric=symmetric)
     calibration_seconds = time.perf_counter() - started
     result = qdq(cal.ranges)
+    if config.coverage == "measured":  # which nodes stay float for speed, by measured kernel time (quantize/coverage.py)
+        result, coverage = choose_for(prepared, calib, config, lambda float_nodes: qdq(cal.ranges, float_nodes))
     if config.bias_correction:
         repairs["bias_correction"] = correct_bias(prepared, result, calib, batch_size=config.batch_size,
                                                   max_samples=min(config.max_samples or 512, 512))
@@ -152,6 +157,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         summary.calibration["repairs"] = repairs
         summary.notes.extend(_repair_notes(repairs))
     summary.warnings.extend(cal.warnings)
+    if config.coverage == "measured":
+        annotate(summary, coverage)
     return result, summary, cal
 
 
