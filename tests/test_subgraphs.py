@@ -161,3 +161,68 @@ def test_silero_dynamic_int8_quantizes_the_lstm_in_its_branches(name):
         expected, got = vad_probabilities(reference, audio), vad_probabilities(quantized, audio)
         assert np.abs(expected - got).max() < 0.05
         assert np.mean((expected > 0.5) == (got > 0.5)) >= 0.97
+
+
+def vad_feeds(path: Path, audio_streams: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The feeds silero_vad's streaming wrapper makes on these streams (state from the FP32 model)."""
+    session = edgeq.load(path).session()
+    names = {i.name for i in session.get_inputs()}
+    feeds = []
+    for audio in audio_streams:
+        state, context = np.zeros((2, 1, 128), np.float32), np.zeros((1, CONTEXT), np.float32)
+        for chunk in audio[: len(audio) // CHUNK * CHUNK].reshape(-1, CHUNK):
+            x = np.concatenate([context, chunk[None]], axis=1)
+            feed = {"input": x, "state": state} | ({"sr": np.array(RATE, np.int64)} if "sr" in names else {})
+            feeds.append(feed)
+            state, context = session.run(None, feed)[1], x[:, -CONTEXT:]
+    return feeds
+
+
+def _if_calib(x: np.ndarray) -> "edgeq.data.Dataset":
+    from edgeq.data import Dataset
+
+    return Dataset(lambda: ({"x": x[i:i + 8]} for i in range(0, len(x), 8)))
+
+
+def test_static_int8_calibrates_each_if_branch_on_the_runs_that_take_it():
+    """Case 156: static INT8 left If branches float; each branch is now calibrated on the values it reads."""
+    proto = if_model()
+    x = np.concatenate([if_inputs(True, 32, 1), if_inputs(False, 32, 2)])
+    q = edgeq.quantize(edgeq.Model(proto, None), edgeq.Int8Static(method="minmax"), calib=_if_calib(x))
+    assert q.summary.quantized == {"MatMul": 3}
+    assert not [w for w in q.summary.warnings if w.startswith("subgraph")]
+    for branch in ("then_branch", "else_branch"):  # 4 runs of 16 samples, the first 2 positive
+        assert f"subgraph branch/{branch}: calibrated on the 2 calibration runs that take this branch" in q.summary.notes
+    reference, quantized = edgeq.Model(proto, None).session(), q.session()
+    for positive in (True, False):
+        x = if_inputs(positive, 16, 5)
+        expected = reference.run(None, {"x": x})[0]
+        np.testing.assert_allclose(quantized.run(None, {"x": x})[0], expected, atol=0.05 * np.abs(expected).max())
+
+
+def test_static_int8_says_a_branch_never_taken_stays_float():
+    """Case 157: a branch the calibration data never takes cannot be calibrated: left float, and said."""
+    q = edgeq.quantize(edgeq.Model(if_model(), None), edgeq.Int8Static(method="minmax"), calib=_if_calib(if_inputs(True, 64)))
+    assert q.summary.quantized == {"MatMul": 2}
+    assert any("branch/else_branch" in w and "never taken" in w for w in q.summary.warnings)
+    x = if_inputs(False, 16, 5)
+    expected = edgeq.Model(if_model(), None).session().run(None, {"x": x})[0]
+    np.testing.assert_allclose(q.session().run(None, {"x": x})[0], expected, rtol=1e-6)  # the float branch is exact
+
+
+@pytest.mark.slow
+def test_silero_static_int8_quantizes_the_taken_branch_from_whole_feeds():
+    """Cases 156–158 on Silero: calibration from whole streaming feeds (edgeq.calibrate.Feeds: state (2, 1, 128),
+    scalar sr), the 16 kHz branch's convolutions quantized, the 8 kHz branch named as never taken, a checker-valid
+    model (ONNX Runtime's topological sort had moved an If before what its branches read)."""
+    from edgeq.calibrate import Feeds
+
+    path = SILERO / "silero_vad.onnx"
+    feeds = vad_feeds(path, [speech_like(2, 100), non_speech(2, 101)])
+    q = edgeq.quantize(path, edgeq.Int8Static(method="minmax"), calib=Feeds(lambda: iter(feeds)))
+    assert q.summary.quantized == {"Conv": 6}
+    assert any(w.startswith("subgraph If_0/else_branch") and "never taken" in w for w in q.summary.warnings)
+    onnx.checker.check_model(q.proto)
+    session = q.session()
+    for audio in streams(2, seconds=1.0):
+        assert np.isfinite(vad_probabilities(session, audio)).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,9 +13,9 @@ import onnx
 
 from edgeq.calibrate.observers import (ChannelHistogramObserver, ChannelMinMaxObserver, HistogramObserver, MinMaxObserver,
                                        range_of, release_scratch)
-from edgeq.data import Batch, Dataset, batches
+from edgeq.data import Batch, Dataset, batches, count_nonfinite
 from edgeq.errors import ConfigError, DataError, ModelError
-from edgeq.model import make_session, Model, run_session
+from edgeq.model import make_session, Model, TensorSpec, run_session
 from edgeq.progress import track
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -83,7 +84,7 @@ def observe(model: Model, data: Dataset, tensors: list[str] | None = None, *, hi
     locks: dict[str, threading.Lock] = {}
     registry = threading.Lock()
     held, held_samples = [], 0
-    stream = batches(data, model.inputs, batch_size, refuse_nonfinite=True, max_samples=max_samples)
+    stream = feed_batches(data, model.inputs, batch_size, max_samples)
     progress = track(stream, "calibrating", total=lambda: _batch_count(data.samples(model.inputs), batch_size, max_samples))
 
     def held_back(index: int, batch: Batch) -> bool:  # called under the stream's lock, in batch order
@@ -96,7 +97,7 @@ def observe(model: Model, data: Dataset, tensors: list[str] | None = None, *, hi
 
     # how many samples keep one run's activations within ACTIVATION_BUDGET, set by the first run; batches are split
     # only where every input's first axis is a free batch axis
-    splittable = all(spec.rank and not isinstance(spec.shape[0], int) for spec in model.inputs)
+    splittable = not isinstance(data, Feeds) and all(spec.rank and not isinstance(spec.shape[0], int) for spec in model.inputs)
     rows_per_run = [0 if splittable else math.inf]
 
     def observe_batch(index: int, batch: Batch) -> int:
@@ -137,6 +138,37 @@ def observe(model: Model, data: Dataset, tensors: list[str] | None = None, *, hi
     samples = _in_parallel(progress, held_back, observe_batch)
     in_graph_order = {name: observers[name] for name in wanted if name in observers}
     return Observed(in_graph_order, samples, list(data.notes), held)
+
+
+class Feeds(Dataset):
+    """Whole model feeds, each used as it is for one run: for inputs without a sample axis first (Silero VAD's
+    state (2, batch, 128) and scalar sample rate), and for the values captured where a subgraph reads them.
+
+    >>> calib = Feeds(lambda: ({"input": x, "state": s, "sr": np.array(16000)} for x, s in stream))  # doctest: +SKIP
+    """
+
+
+def feed_batches(data: Dataset, specs: list[TensorSpec], batch_size: int, max_samples: int | None = None) -> Iterator[Batch]:
+    """The runs calibration makes: re-batched samples (`edgeq.data.batches`), or a `Feeds` dataset's feeds."""
+    if not isinstance(data, Feeds):
+        yield from batches(data, specs, batch_size, refuse_nonfinite=True, max_samples=max_samples)
+        return
+    names = [spec.name for spec in specs]
+    count = 0
+    for index, chunk in enumerate(data.chunks()):
+        missing = [name for name in names if name not in chunk.inputs]
+        if missing:
+            raise DataError(f"{data.description}: feed {index} has no value for {', '.join(missing)}",
+                            f"give every feed the model's inputs: {', '.join(names)}")
+        feed = Batch({spec.name: np.ascontiguousarray(chunk.inputs[spec.name], dtype=spec.dtype) for spec in specs}, unbatched=True)
+        if count_nonfinite(feed):
+            raise DataError(f"{data.description}: feed {index} holds NaN/Inf values", "clean the data; calibration needs finite values")
+        yield feed
+        count += 1
+        if max_samples is not None and count >= max_samples:
+            return
+    if not count:
+        raise DataError(f"{data.description} holds no feeds", "give at least one")
 
 
 # Batches observed at once: each worker runs the model on its batch (ONNX Runtime releases the GIL) and bins the

@@ -18,6 +18,7 @@ from edgeq.quantize.config import Int8Dynamic, Int8Static
 from edgeq.quantize.coverage import COVERAGES, annotate, choose_for
 from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare
 from edgeq.quantize.repair import correct_bias
+from edgeq.quantize.subgraph_static import quantize_static_bodies
 from edgeq.quantize.subgraphs import merge, quantize_bodies, toposort
 from edgeq.quantize.summary import QuantSummary, summarize
 
@@ -130,7 +131,7 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         quantizer = QDQQuantizer(source, per_channel, False, weight, activation, data, [],
                                  list(config.exclude_nodes) + list(float_nodes), list(config.op_types), options)
         quantizer.quantize_model()
-        quantizer.model.topological_sort()
+        toposort(quantizer.model.model.graph)
         return Model(quantizer.model.model, model.path)
 
     method, scores = config.method, None
@@ -145,7 +146,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     if config.bias_correction:
         repairs["bias_correction"] = correct_bias(prepared, result, calib, batch_size=config.batch_size,
                                                   max_samples=min(config.max_samples or 512, 512))
-    summary = summarize(prepared.proto, result.proto, config.op_types, notes, precision="int8", mode="static")
+    summary = merge(summarize(prepared.proto, result.proto, config.op_types, notes, precision="int8", mode="static"),
+                    quantize_static_bodies(prepared, result, config, calib, method))
     summary.calibration = {"method": method, "samples": cal.samples, "seconds": round(calibration_seconds, 3),
                            "percentile": config.percentile if method == "percentile" else None}
     if auto:

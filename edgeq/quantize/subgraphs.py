@@ -207,6 +207,7 @@ def merge(summary: QuantSummary, done: list[tuple[str, QuantSummary | str]]) -> 
         summary.warnings.extend(f"subgraph {label}: {w}" for w in inner.warnings)
         if inner.quantized:
             summary.notes.append(f"subgraph {label}: quantized " + ", ".join(f"{op} ×{n}" for op, n in sorted(inner.quantized.items())))
+        summary.notes.extend(f"subgraph {label}: {note}" for note in inner.notes)
     summary.quantized = dict(sorted(quantized.items()))
     return summary
 
