@@ -1,0 +1,1 @@
+"""What `validate` measures for each kind of task; one module per task."""
