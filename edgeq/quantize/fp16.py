@@ -36,7 +36,7 @@ from edgeq.errors import ModelError
 from edgeq.model import Model, make_session
 from edgeq.quantize.config import Fp16
 from edgeq.quantize.prepare import constants_to_initializers
-from edgeq.quantize.repair.graph import Names, all_graphs, attr_graphs
+from edgeq.quantize.repair.graph import Names, attr_graphs
 from edgeq.quantize.subgraphs import merge, outer_names, quantize_bodies
 from edgeq.quantize.summary import QuantSummary
 
