@@ -38,8 +38,8 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
 
         configs = {
             "int8-dynamic": edgeq.Int8Dynamic(),
-            "edgeq-rtn": edgeq.Int4WeightOnly(block_size=BLOCK),
-            "edgeq-rtn-qdq": edgeq.Int4WeightOnly(block_size=BLOCK, format="qdq"),
+            "edgeq-rtn": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="rtn"),
+            "edgeq-rtn-qdq": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="rtn", format="qdq"),
             "edgeq-gptq": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="gptq"),
             "edgeq-awq": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="awq"),
             "edgeq-gptq-mixed": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="gptq", int8_first_last=True, int8_auto=2),

@@ -48,6 +48,7 @@ class WeightRange(str, Enum):
 
 
 class Algorithm(str, Enum):
+    auto = "auto"
     rtn = "rtn"
     gptq = "gptq"
     awq = "awq"
@@ -95,7 +96,7 @@ def quantize(
     coverage: Annotated[Coverage, typer.Option(help="Static INT8: measured (nodes whose int8 kernel measures slower than float here stay float) or all.")] = Coverage.measured,
     threads: Annotated[int, typer.Option(help="Static INT8: intra-op threads of the target, for --coverage measured.")] = 1,
     block_size: Annotated[int, typer.Option(help="INT4: weights per block along the reduction axis (16, 32, 64, 128).")] = 32,
-    algorithm: Annotated[Algorithm, typer.Option(help="INT4: rtn (round to nearest), gptq or awq (both need --calib).")] = Algorithm.rtn,
+    algorithm: Annotated[Algorithm, typer.Option(help="INT4: auto (gptq with --calib, rtn without), rtn (round to nearest), gptq or awq (both need --calib).")] = Algorithm.auto,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="INT4: symmetric blocks, or a zero point per block.")] = True,
     int8_layers: Annotated[Optional[str], typer.Option(help="INT4: layers kept at INT8: first-last, auto:N (the N most sensitive), or node names, comma-separated.")] = None,
     int4_format: Annotated[Int4Format, typer.Option(help="INT4: nbits (ONNX Runtime MatMulNBits, fastest) or qdq (blocked DequantizeLinear, opset 21).")] = Int4Format.nbits,

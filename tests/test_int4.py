@@ -177,3 +177,15 @@ def test_cli_int4_through_a_subprocess(tmp_path):
     assert {n.op_type for n in onnx.load(out).graph.node} == {"MatMulNBits"}
     bad = subprocess.run(cmd[:9] + ["--algorithm", "gptq", "--force"], capture_output=True, text=True)
     assert bad.returncode == 2 and "calib" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_calibration_data_makes_the_data_aware_method_the_default():
+    model = _matmul_model(64, 16)
+    data = edgeq.Dataset.from_arrays({"x": np.random.default_rng(6).normal(size=(8, 4, 64)).astype(np.float32)})
+    summary = edgeq.quantize(model, edgeq.Int4WeightOnly(block_size=16), calib=data).summary
+    assert summary.mode == "gptq" and summary.calibration["method"] == "gptq"
+    assert any("data-aware, because calibration data was given" in n for n in summary.notes)
+    summary = edgeq.quantize(model, edgeq.Int4WeightOnly(block_size=16)).summary
+    assert summary.mode == "rtn" and any("round to nearest, because no calibration" in n for n in summary.notes)
+    summary = edgeq.quantize(model, edgeq.Int4WeightOnly(block_size=16, algorithm="rtn"), calib=data).summary
+    assert summary.mode == "rtn" and not any("because" in n for n in summary.notes)

@@ -66,9 +66,10 @@ def test_int4_outputs_stay_close_to_fp32_and_data_aware_methods_help(docstring_l
     ids = np.load(docstring_lm["heldout"])["input_ids"][:8]
     ref = fp32.session().run(None, {"input_ids": ids})[0]
     results, mse = {}, {}
-    configs = {"rtn": edgeq.Int4WeightOnly(block_size=32), "gptq": edgeq.Int4WeightOnly(block_size=32, algorithm="gptq"),
+    configs = {"rtn": edgeq.Int4WeightOnly(block_size=32, algorithm="rtn"), "gptq": edgeq.Int4WeightOnly(block_size=32, algorithm="gptq"),
                "awq": edgeq.Int4WeightOnly(block_size=32, algorithm="awq"),
-               "mixed": edgeq.Int4WeightOnly(block_size=32, int8_auto=3), "int8": edgeq.Int4WeightOnly(block_size=32, int8_auto=13)}
+               "mixed": edgeq.Int4WeightOnly(block_size=32, algorithm="rtn", int8_auto=3),
+               "int8": edgeq.Int4WeightOnly(block_size=32, algorithm="rtn", int8_auto=13)}
     for name, config in configs.items():
         q = edgeq.quantize(fp32, config, calib=calib)
         y = q.session().run(None, {"input_ids": ids})[0]

@@ -94,7 +94,8 @@ class Int8Static:
 @dataclass(frozen=True)
 class Int4WeightOnly:
     """INT4 weights in blocks of `block_size` along the reduction axis (a scale per block, and a zero point when
-    asymmetric); activations stay float. `algorithm` "rtn" rounds to nearest; "gptq" needs calibration data and
+    asymmetric); activations stay float. `algorithm` "auto" (default) is "gptq" with calibration data, "rtn" without;
+    "rtn" rounds to nearest; "gptq" needs calibration data and
     compensates each column's rounding error with the inputs' Hessian; "awq" needs calibration data and scales
     each input channel by its mean |activation|^alpha (searched) before rounding, and clips block ranges.
 
@@ -110,7 +111,7 @@ class Int4WeightOnly:
 
     block_size: int = 32
     symmetric: bool = True
-    algorithm: str = "rtn"
+    algorithm: str = "auto"
     format: str = "nbits"
     accuracy_level: int = 4
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
