@@ -50,8 +50,9 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
     scorer = Scorer(has_reference=ref is not None, lm_input=lm_input, named=tuple(requested),
                     outputs=[OutputFidelity(n, specs[n], n in softmax) for n in names])
     session = subject.session()
+    run_names = names if ref is not None else names[:1]  # labels and perplexity read the first output only
     for batch in _runs(stream, subject, batch_size):
-        ys = _run(session, names, batch, subject_label, data.description)
+        ys = _run(session, run_names, batch, subject_label, data.description)
         scorer.add(batch, ys, ref.run(batch, data.description) if ref else None)
     return scorer.record(subject_label, data.description, names[0], "sha256:" + digest.hexdigest(),
                          reference=ref.label if ref else None, notes=[*data.notes, *stream.notes])
