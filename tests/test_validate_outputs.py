@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import edgeq
 from edgeq.errors import ConfigError, ModelError
 from edgeq.evaluate import compare
-from edgeq.evaluate.tasks.groups import channel_axis, range_groups
+from edgeq.evaluate.tasks.groups import channel_axis, channel_ranges, range_groups
 from edgeq.model import TensorSpec
 from tests.test_reliability import assert_user_error, cli
 
@@ -59,8 +59,9 @@ def int8_pair():
 def test_range_groups_split_channels_by_decade_and_leave_silent_ones_out():
     ranges = np.array([50.0, 20.0, 4.9, 0.3, 0.05, 1e-30, 6.0])
     reference = np.stack([ranges, -ranges / 2])  # two samples; the range is the largest |value|
-    assert [g.tolist() for g in range_groups(reference, 1)] == [[0, 1, 6], [2], [3], [4]]
-    assert [g.tolist() for g in range_groups(np.zeros((3, 4)), 1)] == [[0, 1, 2, 3]]
+    assert channel_ranges(reference, 1).tolist() == ranges.tolist()
+    assert [g.tolist() for g in range_groups(channel_ranges(reference, 1))] == [[0, 1, 6], [2], [3], [4]]
+    assert [g.tolist() for g in range_groups(channel_ranges(np.zeros((3, 4)), 1))] == [[0, 1, 2, 3]]
 
 
 def test_the_channel_axis_is_axis_1_or_the_features_of_a_sequence_output():

@@ -24,7 +24,7 @@ from edgeq.decide import DecisionRule
 from edgeq.evaluate.metrics import METRICS
 from edgeq.evaluate.stats import Estimate, json_number, mean_estimate, sqnr_estimate
 from edgeq.evaluate.tasks.fidelity import fidelity, fidelity_metrics
-from edgeq.evaluate.tasks.groups import channel_axis, describe_channels, group_closeness, range_groups
+from edgeq.evaluate.tasks.groups import channel_axis, channel_ranges, describe_channels, group_closeness, range_groups
 from edgeq.evaluate.tasks.rows import class_scores
 from edgeq.model import TensorSpec
 
@@ -118,10 +118,8 @@ class OutputFidelity:
         else:
             self.kind = "embedding" if scores is not None else "tensor"
         self.axis = channel_axis(r, self.spec) if r.dtype.kind == "f" else None
-        self.groups = range_groups(r, self.axis)
-        if self.axis is not None and r.dtype.kind == "f":
-            moved = np.moveaxis(np.abs(np.nan_to_num(r.astype(np.float64), posinf=0, neginf=0)), self.axis, 0)
-            self.ranges = moved.reshape(len(moved), -1).max(axis=1)
+        self.ranges = channel_ranges(r, self.axis)
+        self.groups = range_groups(self.ranges)
 
     def summary(self) -> OutputSummary | None:
         """None when nothing in this output can be compared (non-float values that are not class ids)."""
@@ -130,35 +128,34 @@ class OutputFidelity:
         if not overall:
             return None
         judged = "top1_agreement" if "top1_agreement" in overall else "cosine"
-        groups, worst = self._groups(cols, overall) if judged == "cosine" else ([], 0)
         metrics, per_sample = dict(overall), {k: v for k, v in cols.items() if not k.startswith("group")}
-        if judged == "cosine" and len(self.groups) > 1:
-            key = f"group{worst}:"
-            metrics["cosine"], metrics["sqnr_db"] = groups[worst]["_cosine"], groups[worst]["_sqnr"]
-            per_sample["cosine"] = cols[key + "cosine"]
+        rows, worst = [], 0
+        if judged == "cosine":
+            estimates = self._group_estimates(cols, overall)
+            worst = min(range(len(estimates)), key=lambda i: (_or_inf(estimates[i][0].value), _or_inf(estimates[i][1].value)))
+            rows = [self._group_row(channels, *est) for channels, est in zip(self.groups, estimates)]
+            if len(self.groups) > 1:
+                metrics["cosine"], metrics["sqnr_db"] = estimates[worst]
+                per_sample["cosine"] = cols[f"group{worst}:cosine"]
         value = metrics[judged].value
         loss = (100 - value) if judged == "top1_agreement" else 100 * (1 - value)
-        for g in groups:
-            g.pop("_cosine"), g.pop("_sqnr")
         silent = len(self.ranges) - sum(len(g) for g in self.groups) if self.ranges is not None else 0
-        return OutputSummary(self.name, self.kind or "tensor", judged, metrics, per_sample, overall, groups, worst,
+        return OutputSummary(self.name, self.kind or "tensor", judged, metrics, per_sample, overall, rows, worst,
                              loss if math.isfinite(loss) else math.inf, cols.get("prediction"), self.axis, silent)
 
-    def _groups(self, cols: dict[str, np.ndarray], overall: dict[str, Estimate]) -> tuple[list[dict], int]:
-        rows = []
-        for index, channels in enumerate(self.groups):
-            if len(self.groups) > 1:
-                key = f"group{index}:"
-                cosine, sqnr = mean_estimate(cols[key + "cosine"]), sqnr_estimate(cols[key + "signal"], cols[key + "noise"])
-            else:
-                cosine, sqnr = overall["cosine"], overall["sqnr_db"]
-            span = self.ranges[channels] if self.ranges is not None else np.zeros(0)
-            rows.append({"channels": describe_channels(channels) if self.axis is not None else "all",
-                         "count": int(len(channels)) if self.axis is not None else 1,
-                         "fp32_range": [json_number(float(span.min())), json_number(float(span.max()))] if len(span) else None,
-                         "cosine": cosine.to_dict(), "sqnr_db": sqnr.to_dict(), "_cosine": cosine, "_sqnr": sqnr})
-        worst = min(range(len(rows)), key=lambda i: (_or_inf(rows[i]["_cosine"].value), _or_inf(rows[i]["_sqnr"].value)))
-        return rows, worst
+    def _group_estimates(self, cols: dict[str, np.ndarray], overall: dict[str, Estimate]) -> list[tuple[Estimate, Estimate]]:
+        """(cosine, SQNR) per group; a single group is the whole output."""
+        if len(self.groups) == 1:
+            return [(overall["cosine"], overall["sqnr_db"])]
+        return [(mean_estimate(cols[f"group{i}:cosine"]), sqnr_estimate(cols[f"group{i}:signal"], cols[f"group{i}:noise"]))
+                for i in range(len(self.groups))]
+
+    def _group_row(self, channels: np.ndarray, cosine: Estimate, sqnr: Estimate) -> dict:
+        span = self.ranges[channels] if self.ranges is not None else None
+        return {"channels": describe_channels(channels) if span is not None else "all",
+                "count": int(len(channels)) if span is not None else 1,
+                "fp32_range": [json_number(float(span.min())), json_number(float(span.max()))] if span is not None else None,
+                "cosine": cosine.to_dict(), "sqnr_db": sqnr.to_dict()}
 
 
 def worst_output(summaries: list[OutputSummary]) -> OutputSummary:

@@ -39,7 +39,8 @@ class Scorer:
 
     def add(self, batch: Batch, ys: dict[str, np.ndarray], rs: dict[str, np.ndarray] | None) -> None:
         """Score one batch: labels (or perplexity) on the first scored output, fidelity on every scored output."""
-        ys, rs = self._sample_first(ys, batch.size), None if rs is None else self._sample_first(rs, batch.size)
+        ys = self._sample_first(ys, batch.size)
+        rs = None if rs is None else {name: rs[name] for name in ys}  # a shape that differs is refused below
         labels, y = batch.labels, next(iter(ys.values()))
         if self.lm_input is not None and labels is None:
             self.labelled, self.task = False, "lm"
@@ -151,7 +152,7 @@ def _primary(metrics: dict[str, Estimate], task: str | None) -> str:
         if name in metrics:
             return name
     raise ModelError("the model's output is neither class scores nor float values that can be compared",
-                     "choose a float output with --output, or add labels to the data")
+                     "choose float outputs with --outputs, or add labels to the data")
 
 
 def _nonfinite_warnings(nonfinite: dict[str, int], n: int, cols: dict[str, np.ndarray]) -> list[str]:

@@ -14,7 +14,7 @@ in FP32: MiniLM's hidden state has channels at 1e-32) are left out of the groups
 them next to the widest channel, and their "fidelity" would be noise over nothing.
 
 >>> ref = np.concatenate([np.full((2, 3), 50.0), np.full((2, 2), 0.2)], axis=1)
->>> [g.tolist() for g in range_groups(ref, 1)]
+>>> [g.tolist() for g in range_groups(channel_ranges(ref, 1))]
 [[0, 1, 2], [3, 4]]
 """
 from __future__ import annotations
@@ -36,18 +36,23 @@ def channel_axis(values: np.ndarray, spec: TensorSpec | None) -> int | None:
     return 1
 
 
-def range_groups(reference: np.ndarray, axis: int | None) -> list[np.ndarray]:
-    """Channel indices per decade of range below the widest channel (see the module's rule), widest first."""
+def channel_ranges(reference: np.ndarray, axis: int | None) -> np.ndarray | None:
+    """Each channel's largest |value| (NaN/Inf as 0); None without a channel axis or for non-float values."""
     if axis is None or reference.dtype.kind != "f":
-        return [np.arange(1)] if axis is None else [np.arange(reference.shape[axis])]
-    moved = np.moveaxis(np.nan_to_num(reference.astype(np.float64), posinf=0.0, neginf=0.0), axis, 0)
-    ranges = np.abs(moved.reshape(len(moved), -1)).max(axis=1) if moved[0].size else np.zeros(len(moved))
+        return None
+    moved = np.moveaxis(np.abs(np.nan_to_num(reference.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)), axis, 0)
+    return moved.reshape(len(moved), -1).max(axis=1) if moved[0].size else np.zeros(len(moved))
+
+
+def range_groups(ranges: np.ndarray | None) -> list[np.ndarray]:
+    """Channel indices per decade of range below the widest channel (see the module's rule), widest first."""
+    if ranges is None:
+        return [np.arange(1)]
     widest = ranges.max() if len(ranges) else 0.0
     if widest == 0:
         return [np.arange(len(ranges))]
     with np.errstate(divide="ignore"):
-        decade = np.floor(np.log10(widest / ranges)).astype(np.float64)
-    decade[~np.isfinite(decade)] = np.inf
+        decade = np.floor(np.log10(widest / ranges))
     groups = [np.flatnonzero(decade == d) for d in range(DECADES)]
     return [g for g in groups if len(g)]
 
