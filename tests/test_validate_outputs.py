@@ -116,6 +116,20 @@ def test_an_output_without_the_sample_axis_first_is_left_out_or_refused_when_nam
         edgeq.validate(model, val, reference=model, batch_size=8, outputs=["head", "state"])
 
 
+def test_whole_feeds_are_one_sample_each_and_nan_in_them_is_counted_not_refused():
+    from edgeq.calibrate import Feeds
+
+    model = two_output_model()
+    feeds = [{"x": two_output_inputs(4, seed)} for seed in range(5)]
+    feeds[2]["x"][0, 0] = np.nan
+    record = edgeq.validate(model, Feeds(lambda: iter(feeds)), reference=model)
+    assert record.samples == 5 and record.nonfinite["inputs"] == 1
+    assert record.nonfinite["samples_with_nonfinite_outputs"] == 1
+    assert any("1 input values are NaN or Inf" in w for w in record.warnings)
+    with pytest.raises(edgeq.errors.DataError, match="feed 0 has no value for x"):
+        edgeq.validate(model, Feeds(lambda: iter([{"y": feeds[0]["x"]}])), reference=model)
+
+
 def test_cli_prints_every_scored_output_and_refuses_an_unknown_one_in_one_line(int8_pair, tmp_path):
     fp32, q, _ = int8_pair
     fp32.save(tmp_path / "fp32.onnx")

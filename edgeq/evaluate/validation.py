@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.calibrate import Feeds, feed_batches
+from edgeq.calibrate import Feeds
 from edgeq.data import Batch, Dataset, batches, conform, open_data
-from edgeq.errors import ConfigError
+from edgeq.errors import ConfigError, DataError
 from edgeq.evaluate.outputs import OutputFidelity
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.scoring import Scorer
@@ -58,12 +58,24 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
                          reference=ref.label if ref else None, notes=[*data.notes, *stream.notes])
 
 
-def _runs(stream: Dataset, model: Model, batch_size: int = 32) -> Iterator[Batch]:
-    """Re-batched samples, or a `Feeds` dataset's whole feeds (each one run, one sample)."""
-    if isinstance(stream, Feeds):
-        yield from feed_batches(stream, model.inputs, batch_size)
-    else:
+def _runs(stream: Dataset, model: Model, batch_size: int) -> Iterator[Batch]:
+    """Re-batched samples, or a `Feeds` dataset's whole feeds (each one run, one sample: Silero's state has its
+    sample axis second, its `sr` none), cast to the model's dtypes; NaN is counted by the scorer, not refused."""
+    if not isinstance(stream, Feeds):
         yield from batches(stream, model.inputs, batch_size, refuse_nonfinite=False)
+        return
+    names = [spec.name for spec in model.inputs]
+    count = 0
+    for index, chunk in enumerate(stream.chunks()):
+        missing = [name for name in names if name not in chunk.inputs]
+        if missing:
+            raise DataError(f"{stream.description}: feed {index} has no value for {', '.join(missing)}",
+                            f"give every feed the model's inputs: {', '.join(names)}")
+        labels = None if chunk.labels is None else np.atleast_1d(chunk.labels)[:1]
+        yield Batch({s.name: np.ascontiguousarray(chunk.inputs[s.name], dtype=s.dtype) for s in model.inputs}, labels, unbatched=True)
+        count += 1
+    if not count:
+        raise DataError(f"{stream.description} holds no feeds", "give at least one")
 
 
 def _load(model: Path | str | Model) -> tuple[Model, str]:
