@@ -42,7 +42,11 @@ def thresholds() -> dict:
     read in each metric's points. One point of cosine is 0.01 (`metrics.py`), so cosine ≥ 0.99 reads as ship and
     ≥ 0.97 as try-QAT, the same 1/3-point rule as accuracy. For noise uncorrelated with the signal
     cos = 1/√(1 + N/S), so those cosines are SQNRs of 16.9 dB and 12.0 dB (noise at 2% and 6% of the signal power);
-    the SQNR columns are stated for reading, the verdict is paired on cosine."""
+    the SQNR columns are stated for reading, the verdict is paired on cosine.
+
+    >>> thresholds()["cosine"], thresholds()["sqnr_db"]["ship_at_least"]
+    ({'ship_at_least': 0.99, 'try_qat_at_least': 0.97}, 16.9)
+    """
     ship, qat = 1 - _DEFAULT_RULE.ship_below / 100, 1 - _DEFAULT_RULE.qat_up_to / 100
     return {
         "cosine": {"ship_at_least": ship, "try_qat_at_least": qat},
@@ -159,7 +163,12 @@ class OutputFidelity:
 
 
 def worst_output(summaries: list[OutputSummary]) -> OutputSummary:
-    """The output that loses the most points (the first on ties)."""
+    """The output that loses the most points (the first on ties).
+
+    >>> record = validate("int8.onnx", val, reference="model.onnx")    # doctest: +SKIP
+    >>> record.worst["output"] == record.output                         # doctest: +SKIP
+    True
+    """
     return max(summaries, key=lambda s: s.loss_points)
 
 

@@ -29,12 +29,15 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
     Otherwise without labels, `reference` is required and the metric is fidelity to it, on every output (or those
     named in `outputs`): top-1 agreement for class outputs, cosine and SQNR per channel group for embeddings and
     other tensors (and, for outputs in [0, 1] such as detection probability maps, mean absolute difference and IoU
-    at 0.3); the record's metric is the worst output's (`edgeq/evaluate/outputs.py`). NaN/Inf in inputs or outputs
-    is counted and reported, never refused.
+    at 0.3); the record's metric is the worst output's (`edgeq/evaluate/outputs.py`). `output` (one name) is the
+    older spelling of `outputs=[name]`. A `Feeds` dataset gives whole feeds, each one run and one sample. NaN/Inf in
+    inputs or outputs is counted and reported, never refused.
 
     >>> val = edgeq.Dataset.from_npz("val.npz")                                       # doctest: +SKIP
     >>> validate("model_int8.onnx", val, reference="model.onnx").metrics["cosine"]    # doctest: +SKIP
     Estimate(value=0.9991, ci95=(0.9988, 0.9993))
+    >>> validate("int8.onnx", val, reference="model.onnx", outputs=["boxes"]).worst    # doctest: +SKIP
+    {'output': 'boxes', 'metric': 'cosine', 'value': 0.62, 'group': 1, 'channels': '4-7', 'loss_points': 38.0}
     """
     data = open_data(data) if isinstance(data, (str, Path)) else data
     subject, subject_label = _load(model)
