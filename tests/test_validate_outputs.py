@@ -221,3 +221,5 @@ def test_silero_vad_whole_feeds_score_the_speech_output_and_the_state():
     assert [(o["name"], o["kind"]) for o in record.outputs] == [("output", "tensor"), ("stateN", "tensor")]
     worst = min(record.outputs, key=lambda o: o["value"])
     assert record.worst["output"] == worst["name"] and record.metric == "cosine" and record.value >= 0.99
+    assert any(w.startswith("output output holds one value per sample, whose cosine is only its sign: read its SQNR")
+               for w in record.warnings)

@@ -77,10 +77,23 @@ class OutputSummary:
     predictions: np.ndarray | None
     channel_axis: int | None = None
     silent: int = 0  # channels left out of the groups (10^6 or more below the widest)
+    values_per_sample: int = 0
+
+    @property
+    def caveat(self) -> str | None:
+        """A cosine over one value is its sign only: say so, with the SQNR that does measure it."""
+        if self.judged_by != "cosine" or self.values_per_sample != 1:
+            return None
+        sqnr = self.overall["sqnr_db"].value
+        return (f"output {self.name} holds one value per sample, whose cosine is only its sign: read its SQNR "
+                f"({sqnr:.1f} dB; ship-like from {thresholds()['sqnr_db']['ship_at_least']} dB) and mean |diff|")
 
     def to_dict(self) -> dict:
         loss = self.loss_points
         judgement = "ship-like" if loss < _DEFAULT_RULE.ship_below else "try-qat-like" if loss <= _DEFAULT_RULE.qat_up_to else "stay-like"
+        if self.caveat:  # one value per sample: judged here by its SQNR against the cosine thresholds' equivalents
+            sqnr, cut = self.overall["sqnr_db"].value, thresholds()["sqnr_db"]
+            judgement = "ship-like" if sqnr >= cut["ship_at_least"] else "try-qat-like" if sqnr >= cut["try_qat_at_least"] else "stay-like"
         return {"name": self.name, "kind": self.kind, "judged_by": self.judged_by,
                 "value": json_number(self.metrics[self.judged_by].value), "loss_points": json_number(loss),
                 "judgement": judgement if math.isfinite(loss) else "stay-like",
@@ -100,6 +113,7 @@ class OutputFidelity:
     axis: int | None = None
     groups: list[np.ndarray] = field(default_factory=list)
     ranges: np.ndarray | None = None
+    values_per_sample: int = 0
     columns: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, y: np.ndarray, r: np.ndarray, failed: np.ndarray, labelled: bool) -> None:
@@ -121,6 +135,7 @@ class OutputFidelity:
             self.kind = "classes"
         else:
             self.kind = "embedding" if scores is not None else "tensor"
+        self.values_per_sample = int(np.prod(r.shape[1:], dtype=np.int64))
         self.axis = channel_axis(r, self.spec) if r.dtype.kind == "f" else None
         self.ranges = channel_ranges(r, self.axis)
         self.groups = range_groups(self.ranges)
@@ -145,7 +160,8 @@ class OutputFidelity:
         loss = (100 - value) if judged == "top1_agreement" else 100 * (1 - value)
         silent = len(self.ranges) - sum(len(g) for g in self.groups) if self.ranges is not None else 0
         return OutputSummary(self.name, self.kind or "tensor", judged, metrics, per_sample, overall, rows, worst,
-                             loss if math.isfinite(loss) else math.inf, cols.get("prediction"), self.axis, silent)
+                             loss if math.isfinite(loss) else math.inf, cols.get("prediction"), self.axis, silent,
+                             self.values_per_sample)
 
     def _group_estimates(self, cols: dict[str, np.ndarray], overall: dict[str, Estimate]) -> list[tuple[Estimate, Estimate]]:
         """(cosine, SQNR) per group; a single group is the whole output."""

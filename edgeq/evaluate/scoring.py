@@ -124,6 +124,7 @@ class Scorer:
         nonfinite = dict(self.counts)
         warnings = [*notes, *self.warnings, *_nonfinite_warnings(nonfinite, n, cols)]
         unscored = [o.name for o in self.outputs if o.name not in {s.name for s in summaries} | self.skipped] if self.has_reference else []
+        warnings += [s.caveat for s in summaries if s.caveat]
         if self.skipped:
             warnings.append(f"output(s) {', '.join(sorted(self.skipped))} have no sample axis first: not scored")
         if unscored:
