@@ -206,6 +206,7 @@ def validate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Results JSON.")],
     reference: Annotated[Optional[Path], typer.Option(help="Reference model for fidelity when the data has no labels.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per run.")] = 32,
+    outputs: Annotated[Optional[str], typer.Option(help="Comma-separated outputs to score (default: every output).")] = None,
     preset: Preset = "raw",
     force: Force = False,
 ) -> None:
@@ -216,7 +217,10 @@ def validate(
     atomic.check_writable(output, force=force, protect=(model, data, reference))
     import edgeq
 
-    record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size)
+    names = [n.strip() for n in outputs.split(",") if n.strip()] if outputs is not None else None
+    if names == []:
+        raise UserError("--outputs names no output", "give comma-separated output names, e.g. --outputs logits,boxes")
+    record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size, outputs=names)
     atomic.write_json(output, record.to_dict())
     print_validation(out, record)
 

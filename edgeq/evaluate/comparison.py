@@ -153,6 +153,7 @@ def _context(base: dict, cand: dict, info: MetricInfo, paired: int, agreement: E
         lines.append(f"{n - paired} samples with non-finite results on either side are left out of the paired drop")
     if agreement is not None:
         lines.append(f"the models pick the same top-1 class on {agreement.value:.2f}% of samples")
+    lines.extend(_worst_outputs(base, cand))
     if metric == "perplexity":
         lines.append("the perplexity drop is its relative increase in percent, paired window by window")
     elif info.points != 1:
@@ -160,6 +161,21 @@ def _context(base: dict, cand: dict, info: MetricInfo, paired: int, agreement: E
     elif info.unit != "%":
         lines.append(f"the {metric} drop is in the targets' units: set --ship-below/--qat-up-to to what your application tolerates")
     return lines
+
+
+def _worst_outputs(base: dict, cand: dict) -> list[str]:
+    """Which output (and channel group) each side's fidelity rests on, when the records say (version 2)."""
+    def where(worst: dict) -> str:
+        group = f", channel group {worst['group']} (channels {worst['channels']})" if worst.get("group") is not None else ""
+        return f"output {worst['output']}{group}"
+
+    b, c = base.get("worst"), cand.get("worst")
+    if not isinstance(c, dict) or c.get("metric") != base["metric"]:
+        return []
+    line = f"{base['metric']} is measured on each model's worst scored output: the candidate's is {where(c)}"
+    if isinstance(b, dict) and b.get("loss_points") and (b.get("output"), b.get("group")) != (c.get("output"), c.get("group")):
+        line += f", the base's {where(b)}"
+    return [line]
 
 
 def _unit(metric: str) -> str:

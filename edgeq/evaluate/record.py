@@ -9,7 +9,9 @@ from edgeq.evaluate.metrics import METRICS
 from edgeq.evaluate.stats import Estimate, json_number
 
 RECORD_KIND = "edgeq.validation"
-RECORD_VERSION = 1
+# 2: every scored output with its channel groups (`outputs`), the one the fidelity verdict rests on (`worst`) and
+# the thresholds it is read against; every key of version 1 is kept with its meaning.
+RECORD_VERSION = 2
 
 
 @dataclass
@@ -33,6 +35,9 @@ class ValidationRecord:
     reference: str | None = None
     nonfinite: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    worst: dict | None = None
+    thresholds: dict | None = None
 
     @property
     def value(self) -> float:
@@ -59,4 +64,5 @@ class ValidationRecord:
             "predictions": None if self.predictions is None else self.predictions.tolist(),
             "data_fingerprint": self.data_fingerprint,
             "nonfinite": dict(self.nonfinite), "warnings": list(self.warnings),
+            "outputs": list(self.outputs), "worst": self.worst, "thresholds": self.thresholds,
         }

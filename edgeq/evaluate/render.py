@@ -26,10 +26,43 @@ def print_validation(console: Any, record: ValidationRecord) -> None:
         label = f"[bold]{name}[/]" if name == record.metric else name
         table.add_row(label, format_value(name, est.value), f"{format_value(name, est.ci95[0])} – {format_value(name, est.ci95[1])}")
     console.print(table)
+    if record.outputs:
+        _print_outputs(console, record)
     if record.reference:
         console.print(f"fidelity measured against {record.reference}", highlight=False)
     for warning in record.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def _print_outputs(console: Any, record: ValidationRecord) -> None:
+    """Every scored output: its kind, what judges it, each channel group's cosine and SQNR; the worst marked."""
+    from rich.table import Table
+
+    table = Table(title="outputs scored (fidelity per channel group; the worst output's worst group decides)", title_justify="left")
+    for col in ("output", "kind", "judged by", "value", "group", "channels", "FP32 range", "cosine", "SQNR"):
+        table.add_column(col, justify="right" if col in ("value", "FP32 range", "cosine", "SQNR") else "left")
+    worst = record.worst or {}
+    for out in record.outputs:
+        value = format_value(out["judged_by"], out["value"])
+        for index, group in enumerate(out["groups"] or [None]):
+            mark = out["name"] == worst.get("output") and index == (worst.get("group") or 0)
+            span = group["fp32_range"] if group else None
+            row = [out["name"] if index == 0 else "", out["kind"] if index == 0 else "", out["judged_by"] if index == 0 else "",
+                   value if index == 0 else "", "" if group is None else str(index), "" if group is None else _clip(group["channels"]),
+                   "" if not span else f"{span[0]:.3g}–{span[1]:.3g}",
+                   "" if group is None else format_value("cosine", group["cosine"]["value"]),
+                   "" if group is None else format_value("sqnr_db", group["sqnr_db"]["value"])]
+            table.add_row(*[f"[bold]{cell}[/]" if mark and cell else cell for cell in row])
+    console.print(table)
+    if worst:
+        where = f", channel group {worst['group']} (channels {_clip(worst['channels'])})" if worst.get("group") is not None else ""
+        console.print(f"decided on output {worst['output']}{where}: {worst['metric']} "
+                      f"{format_value(worst['metric'], worst['value'])}", highlight=False)
+
+
+def _clip(channels: str | None, width: int = 24) -> str:
+    text = channels or ""
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def print_comparison(console: Any, comparison: Comparison) -> None:

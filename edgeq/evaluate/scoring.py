@@ -10,10 +10,10 @@ import numpy as np
 from edgeq.data import Batch, count_nonfinite
 from edgeq.errors import DataError, ModelError, UserError
 from edgeq.evaluate.metrics import METRICS
+from edgeq.evaluate.outputs import OutputFidelity, OutputSummary, thresholds, worst_output
 from edgeq.evaluate.record import ValidationRecord
-from edgeq.evaluate.stats import Estimate, contain, mean_estimate
+from edgeq.evaluate.stats import Estimate, contain, json_number, mean_estimate
 from edgeq.evaluate.tasks.classify import classify, classify_metrics, labelled_task
-from edgeq.evaluate.tasks.fidelity import fidelity, fidelity_metrics
 from edgeq.evaluate.tasks.lm import window_nll
 from edgeq.evaluate.tasks.regress import regress, regress_metrics
 from edgeq.evaluate.tasks.rows import failed_rows
@@ -27,6 +27,9 @@ class Scorer:
 
     has_reference: bool
     lm_input: str | None = None
+    outputs: list[OutputFidelity] = field(default_factory=list)  # the outputs fidelity is measured on
+    named: tuple[str, ...] = ()  # outputs the user asked for: refused, not skipped, when they cannot be scored
+    skipped: set[str] = field(default_factory=set)
     labelled: bool | None = None
     task: str | None = None
     samples: int = 0
@@ -34,8 +37,11 @@ class Scorer:
     warnings: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, batch: Batch, y: np.ndarray, r: np.ndarray | None) -> None:
-        labels = batch.labels
+    def add(self, batch: Batch, ys: dict[str, np.ndarray], rs: dict[str, np.ndarray] | None) -> None:
+        """Score one batch: labels (or perplexity) on the first scored output, fidelity on every scored output."""
+        ys = self._sample_first(ys, batch.size)
+        rs = None if rs is None else {name: rs[name] for name in ys}  # a shape that differs is refused below
+        labels, y = batch.labels, next(iter(ys.values()))
         if self.lm_input is not None and labels is None:
             self.labelled, self.task = False, "lm"
             nll = window_nll(y, batch.inputs[self.lm_input])
@@ -45,18 +51,35 @@ class Scorer:
         self.samples += len(y)
         failed = failed_rows(y)
         self.counts["inputs"] += count_nonfinite(batch)
-        self.counts["outputs"] += int((~np.isfinite(y)).sum()) if y.dtype.kind == "f" else 0
-        self.counts["samples_with_nonfinite_outputs"] += int(failed.sum())
+        self.counts["outputs"] += sum(int((~np.isfinite(v)).sum()) for v in ys.values() if v.dtype.kind == "f")
+        self.counts["samples_with_nonfinite_outputs"] += int(np.any([failed_rows(v) for v in ys.values()], axis=0).sum())
         if labels is not None:
             self.task = self.task or labelled_task(y, labels, self.warnings)
             cols = classify(y, labels, failed) if self.task == "classify" else regress(y, labels, failed)
             self._append(cols)
-        if r is not None:
-            if r.shape != y.shape:
-                raise ModelError(f"the reference's output has shape {r.shape}, the model's {y.shape}",
+        for scored in (o for o in self.outputs if rs is not None and o.name in ys):
+            y_out, r_out = ys[scored.name], rs[scored.name]
+            if r_out.shape != y_out.shape:
+                raise ModelError(f"the reference's output {scored.name!r} has shape {r_out.shape}, the model's {y_out.shape}",
                                  "give a reference with the same outputs (the FP32 model this one came from)")
-            self.counts["reference_outputs"] += int((~np.isfinite(r)).sum()) if r.dtype.kind == "f" else 0
-            self._append(fidelity(y, r, failed | failed_rows(r)), prefix="fidelity:")
+            self.counts["reference_outputs"] += int((~np.isfinite(r_out)).sum()) if r_out.dtype.kind == "f" else 0
+            scored.add(y_out, r_out, failed_rows(y_out) | failed_rows(r_out), labels is not None)
+
+    def _sample_first(self, values: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """The outputs whose first axis holds the samples; others are left out (said), or refused when named."""
+        kept = {}
+        for name, v in values.items():
+            if v.ndim and len(v) == rows:
+                kept[name] = v
+                continue
+            if name in self.named:
+                raise ModelError(f"output {name!r} has shape {v.shape}: its first axis is not the {rows} samples of the batch",
+                                 "name outputs with the sample axis first in --outputs, or give whole feeds (edgeq.calibrate.Feeds)")
+            self.skipped.add(name)
+        if not kept:
+            raise ModelError(f"no output has the samples on its first axis (batch of {rows}: {', '.join(f'{k} {v.shape}' for k, v in values.items())})",
+                             "give whole feeds, one run each (edgeq.calibrate.Feeds), so that each run is one sample")
+        return kept
 
     def _check_labels(self, labels: np.ndarray | None) -> None:
         has = labels is not None
@@ -87,17 +110,36 @@ class Scorer:
             found = classify_metrics(cols) if self.task == "classify" else regress_metrics(cols)
             metrics.update(found)
             per_sample.update(_kept(cols, found))
+        summaries, worst = [], None
         if self.has_reference:
-            fid = {k.removeprefix("fidelity:"): v for k, v in cols.items() if k.startswith("fidelity:")}
-            found = fidelity_metrics(fid)
-            metrics.update(found)
-            per_sample.update(_kept(fid, found))
-            predictions = predictions if predictions is not None else fid.get("prediction")
+            summaries = [s for s in (o.summary() for o in self.outputs) if s is not None]
+            worst = worst_output(summaries) if summaries else None
+        if worst is not None:
+            metrics.update(worst.metrics)
+            per_sample.update(_kept(worst.per_sample, worst.metrics))
+            found = next((s.predictions for s in [worst, *summaries] if s.predictions is not None), None)
+            predictions = predictions if predictions is not None else found
+            output = output if self.labelled else worst.name
         primary = _primary(metrics, self.task if self.labelled or self.task == "lm" else "fidelity")
         nonfinite = dict(self.counts)
         warnings = [*notes, *self.warnings, *_nonfinite_warnings(nonfinite, n, cols)]
+        unscored = [o.name for o in self.outputs if o.name not in {s.name for s in summaries} | self.skipped] if self.has_reference else []
+        warnings += [s.caveat for s in summaries if s.caveat]
+        if self.skipped:
+            warnings.append(f"output(s) {', '.join(sorted(self.skipped))} have no sample axis first: not scored")
+        if unscored:
+            warnings.append(f"output(s) {', '.join(unscored)} hold neither class ids nor float values: not scored")
         return ValidationRecord(model, data, output, primary, n, metrics, per_sample, fingerprint, predictions, reference,
-                                nonfinite, warnings)
+                                nonfinite, warnings, outputs=[s.to_dict() for s in summaries],
+                                worst=_worst(worst) if worst is not None else None,
+                                thresholds=thresholds() if worst is not None else None)
+
+
+def _worst(summary: OutputSummary) -> dict:
+    group = summary.groups[summary.worst_group] if len(summary.groups) > 1 else None
+    return {"output": summary.name, "metric": summary.judged_by, "value": json_number(summary.metrics[summary.judged_by].value),
+            "group": summary.worst_group if group else None, "channels": group["channels"] if group else None,
+            "loss_points": json_number(summary.loss_points)}
 
 
 def _kept(cols: dict[str, np.ndarray], metrics: dict[str, Estimate]) -> dict[str, np.ndarray]:
@@ -111,7 +153,7 @@ def _primary(metrics: dict[str, Estimate], task: str | None) -> str:
         if name in metrics:
             return name
     raise ModelError("the model's output is neither class scores nor float values that can be compared",
-                     "choose a float output with --output, or add labels to the data")
+                     "choose float outputs with --outputs, or add labels to the data")
 
 
 def _nonfinite_warnings(nonfinite: dict[str, int], n: int, cols: dict[str, np.ndarray]) -> list[str]:

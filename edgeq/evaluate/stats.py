@@ -67,7 +67,7 @@ def sqnr_estimate(signal: np.ndarray, noise: np.ndarray) -> Estimate:
 
 
 def _db(noise_to_signal: float) -> float:
-    return math.inf if noise_to_signal <= 0 else -10 * math.log10(noise_to_signal)
+    return math.inf if noise_to_signal <= 0 else -10 * math.log10(noise_to_signal) + 0.0  # no -0.0 dB
 
 
 def bootstrap_ci(stat: Callable[..., np.ndarray], *arrays: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeq.calibrate import Feeds
 from edgeq.data import Batch, Dataset, batches, conform, open_data
-from edgeq.errors import ConfigError
+from edgeq.errors import ConfigError, DataError
+from edgeq.evaluate.outputs import OutputFidelity
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.scoring import Scorer
 from edgeq.evaluate.tasks.lm import causal_lm_input
@@ -18,35 +20,65 @@ from edgeq.model import Model, load, run_session
 
 
 def validate(model: Path | str | Model, data: Dataset | Path | str, reference: Path | str | Model | None = None,
-             batch_size: int = 32, output: str | None = None) -> ValidationRecord:
+             batch_size: int = 32, output: str | None = None, outputs: Sequence[str] | None = None) -> ValidationRecord:
     """Run `model` on `data` with ONNX Runtime and measure it.
 
-    Labels that are class ids give top-1 (and top-5) accuracy in percent; float labels give MAE and RMSE. A causal
-    language model (one integer input of token ids, logits [batch, sequence, vocabulary] out) on unlabelled token
-    windows and without `reference` gives perplexity, each window a sample. Otherwise without labels, `reference` is required and the metric
-    is fidelity to it: top-1 agreement, cosine, SQNR (and, for
-    outputs in [0, 1] such as detection probability maps, mean absolute difference and IoU at 0.3). NaN/Inf in
+    Labels that are class ids give top-1 (and top-5) accuracy in percent; float labels give MAE and RMSE, both on the
+    first scored output. A causal language model (one integer input of token ids, logits [batch, sequence,
+    vocabulary] out) on unlabelled token windows and without `reference` gives perplexity, each window a sample.
+    Otherwise without labels, `reference` is required and the metric is fidelity to it, on every output (or those
+    named in `outputs`): top-1 agreement for class outputs, cosine and SQNR per channel group for embeddings and
+    other tensors (and, for outputs in [0, 1] such as detection probability maps, mean absolute difference and IoU
+    at 0.3); the record's metric is the worst output's (`edgeq/evaluate/outputs.py`). `output` (one name) is the
+    older spelling of `outputs=[name]`. A `Feeds` dataset gives whole feeds, each one run and one sample. NaN/Inf in
     inputs or outputs is counted and reported, never refused.
 
     >>> val = edgeq.Dataset.from_npz("val.npz")                                       # doctest: +SKIP
     >>> validate("model_int8.onnx", val, reference="model.onnx").metrics["cosine"]    # doctest: +SKIP
     Estimate(value=0.9991, ci95=(0.9988, 0.9993))
+    >>> validate("int8.onnx", val, reference="model.onnx", outputs=["boxes"]).worst    # doctest: +SKIP
+    {'output': 'boxes', 'metric': 'cosine', 'value': 0.62, 'group': 1, 'channels': '4-7', 'loss_points': 38.0}
     """
     data = open_data(data) if isinstance(data, (str, Path)) else data
     subject, subject_label = _load(model)
-    out_name = _output_name(subject, output)
-    ref = _Reference.open(reference, out_name) if reference is not None else None
+    requested = list(outputs or ([output] if output else []))
+    names = _output_names(subject, requested)
+    ref = _Reference.open(reference, subject, names) if reference is not None else None
     digest = hashlib.sha256()
     stream = _fingerprinted(data, digest)
     # Perplexity needs no reference; with one, the metric is fidelity to it, as for any model.
-    lm_input = causal_lm_input(subject) if ref is None and out_name == subject.outputs[0].name else None
-    scorer = Scorer(has_reference=ref is not None, lm_input=lm_input)
+    lm_input = causal_lm_input(subject) if ref is None and names[0] == subject.outputs[0].name else None
+    specs = {o.name: o for o in subject.outputs}
+    softmax = _softmax_outputs(subject)
+    scorer = Scorer(has_reference=ref is not None, lm_input=lm_input, named=tuple(requested),
+                    outputs=[OutputFidelity(n, specs[n], n in softmax) for n in names])
     session = subject.session()
-    for batch in batches(stream, subject.inputs, batch_size, refuse_nonfinite=False):
-        y = _run(session, out_name, batch.inputs, subject_label, data.description)
-        scorer.add(batch, y, ref.run(batch, data.description) if ref else None)
-    return scorer.record(subject_label, data.description, out_name, "sha256:" + digest.hexdigest(),
+    run_names = names if ref is not None else names[:1]  # labels and perplexity read the first output only
+    for batch in _runs(stream, subject, batch_size):
+        ys = _run(session, run_names, batch, subject_label, data.description)
+        scorer.add(batch, ys, ref.run(batch, data.description) if ref else None)
+    return scorer.record(subject_label, data.description, names[0], "sha256:" + digest.hexdigest(),
                          reference=ref.label if ref else None, notes=[*data.notes, *stream.notes])
+
+
+def _runs(stream: Dataset, model: Model, batch_size: int) -> Iterator[Batch]:
+    """Re-batched samples, or a `Feeds` dataset's whole feeds (each one run, one sample: Silero's state has its
+    sample axis second, its `sr` none), cast to the model's dtypes; NaN is counted by the scorer, not refused."""
+    if not isinstance(stream, Feeds):
+        yield from batches(stream, model.inputs, batch_size, refuse_nonfinite=False)
+        return
+    names = [spec.name for spec in model.inputs]
+    count = 0
+    for index, chunk in enumerate(stream.chunks()):
+        missing = [name for name in names if name not in chunk.inputs]
+        if missing:
+            raise DataError(f"{stream.description}: feed {index} has no value for {', '.join(missing)}",
+                            f"give every feed the model's inputs: {', '.join(names)}")
+        labels = None if chunk.labels is None else np.atleast_1d(chunk.labels)[:1]
+        yield Batch({s.name: np.ascontiguousarray(chunk.inputs[s.name], dtype=s.dtype) for s in model.inputs}, labels, unbatched=True)
+        count += 1
+    if not count:
+        raise DataError(f"{stream.description} holds no feeds", "give at least one")
 
 
 def _load(model: Path | str | Model) -> tuple[Model, str]:
@@ -56,17 +88,22 @@ def _load(model: Path | str | Model) -> tuple[Model, str]:
     return load(model), str(model)
 
 
-def _output_name(model: Model, output: str | None) -> str:
+def _output_names(model: Model, requested: list[str]) -> list[str]:
     names = [o.name for o in model.outputs]
-    if output is None:
-        return names[0]
-    if output not in names:
-        raise ConfigError(f"the model has no output {output!r}", f"use one of: {', '.join(names)}")
-    return output
+    unknown = [n for n in requested if n not in names]
+    if unknown:
+        raise ConfigError(f"the model has no output {', '.join(map(repr, unknown))}", f"name outputs among: {', '.join(names)}")
+    return list(dict.fromkeys(requested)) or names
 
 
-def _run(session: Any, output: str, feed: dict[str, np.ndarray], label: str, where: str) -> np.ndarray:
-    return np.asarray(run_session(session, [output], feed, label, where)[0])
+def _softmax_outputs(model: Model) -> set[str]:
+    return {o for node in model.proto.graph.node if node.op_type in ("Softmax", "LogSoftmax") for o in node.output}
+
+
+def _run(session: Any, outputs: list[str], batch: Batch, label: str, where: str) -> dict[str, np.ndarray]:
+    values = run_session(session, outputs, batch.inputs, label, where)
+    # a whole feed is one sample: its outputs get the sample axis the scoring expects
+    return {n: np.asarray(v)[None] if batch.unbatched else np.asarray(v) for n, v in zip(outputs, values)}
 
 
 @dataclass
@@ -75,20 +112,25 @@ class _Reference:
 
     model: Model
     label: str
-    output: str
+    outputs: dict[str, str]  # the subject's output name -> the reference's
     session: Any
 
     @classmethod
-    def open(cls, reference: Path | str | Model, output: str) -> "_Reference":
+    def open(cls, reference: Path | str | Model, subject: Model, names: list[str]) -> "_Reference":
         model, label = _load(reference)
-        names = [o.name for o in model.outputs]
-        # Quantized models keep their outputs' names; fall back to the first output for a renamed one.
-        name = output if output in names else names[0]
-        return cls(model, label, name, model.session())
+        theirs = [o.name for o in model.outputs]
+        ours = [o.name for o in subject.outputs]
+        # Quantized models keep their outputs' names; a renamed one is matched by position.
+        matched = {n: n if n in theirs else theirs[min(ours.index(n), len(theirs) - 1)] for n in names}
+        return cls(model, label, matched, model.session())
 
-    def run(self, batch: Batch, where: str) -> np.ndarray:
-        feed = conform(Batch(batch.inputs, batch.labels), self.model.inputs, f"{where} (reference)").inputs
-        return _run(self.session, self.output, feed, self.label, where)
+    def run(self, batch: Batch, where: str) -> dict[str, np.ndarray]:
+        if batch.unbatched:
+            feed = {s.name: np.ascontiguousarray(batch.inputs[s.name], dtype=s.dtype) for s in self.model.inputs}
+        else:
+            feed = conform(Batch(batch.inputs, batch.labels), self.model.inputs, f"{where} (reference)").inputs
+        values = _run(self.session, list(self.outputs.values()), Batch(feed, unbatched=batch.unbatched), self.label, where)
+        return {ours: values[theirs] for ours, theirs in self.outputs.items()}
 
 
 def _fingerprinted(data: Dataset, digest: Any) -> Dataset:
@@ -106,4 +148,4 @@ def _fingerprinted(data: Dataset, digest: Any) -> Dataset:
                 digest.update(arr)  # the array's own buffer: no copy of a large chunk
             yield chunk
 
-    return Dataset(source, length=data.length, description=data.description, notes=[])
+    return type(data)(source, length=data.length, description=data.description, notes=[])
