@@ -12,7 +12,7 @@ from edgeq.errors import DataError, ModelError, UserError
 from edgeq.evaluate.metrics import METRICS
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.stats import Estimate, contain, mean_estimate
-from edgeq.evaluate.tasks.classify import classify, classify_metrics, labelled_task
+from edgeq.evaluate.tasks.classify import classify, classify_metrics, classify_warnings, labelled_task
 from edgeq.evaluate.tasks.fidelity import fidelity, fidelity_metrics
 from edgeq.evaluate.tasks.lm import window_nll
 from edgeq.evaluate.tasks.regress import regress, regress_metrics
@@ -95,7 +95,8 @@ class Scorer:
             predictions = predictions if predictions is not None else fid.get("prediction")
         primary = _primary(metrics, self.task if self.labelled or self.task == "lm" else "fidelity")
         nonfinite = dict(self.counts)
-        warnings = [*notes, *self.warnings, *_nonfinite_warnings(nonfinite, n, cols)]
+        assumed = classify_warnings(cols) if self.labelled and self.task == "classify" else []
+        warnings = [*notes, *self.warnings, *assumed, *_nonfinite_warnings(nonfinite, n, cols)]
         return ValidationRecord(model, data, output, primary, n, metrics, per_sample, fingerprint, predictions, reference,
                                 nonfinite, warnings)
 
