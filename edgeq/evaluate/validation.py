@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.data import Batch, Dataset, batches, conform, open_data
+from edgeq.data import Batch, Dataset, batches, conform, fixed_batch_size, open_data
 from edgeq.errors import ConfigError
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.scoring import Scorer
 from edgeq.evaluate.tasks.lm import causal_lm_input
 from edgeq.model import Model, load, run_session
+from edgeq.progress import track
 
 
 def validate(model: Path | str | Model, data: Dataset | Path | str, reference: Path | str | Model | None = None,
@@ -42,11 +43,16 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
     lm_input = causal_lm_input(subject) if ref is None and out_name == subject.outputs[0].name else None
     scorer = Scorer(has_reference=ref is not None, lm_input=lm_input)
     session = subject.session()
-    for batch in batches(stream, subject.inputs, batch_size, refuse_nonfinite=False):
+    runs = lambda: _run_count(data.samples(subject.inputs), fixed_batch_size(subject.inputs) or batch_size)  # noqa: E731
+    for batch in track(batches(stream, subject.inputs, batch_size, refuse_nonfinite=False), "validating", total=runs):
         y = _run(session, out_name, batch.inputs, subject_label, data.description)
         scorer.add(batch, y, ref.run(batch, data.description) if ref else None)
     return scorer.record(subject_label, data.description, out_name, "sha256:" + digest.hexdigest(),
                          reference=ref.label if ref else None, notes=[*data.notes, *stream.notes])
+
+
+def _run_count(samples: int | None, batch_size: int) -> int | None:
+    return None if samples is None else -(-samples // max(batch_size, 1))
 
 
 def _load(model: Path | str | Model) -> tuple[Model, str]:
