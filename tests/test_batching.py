@@ -127,3 +127,14 @@ def test_validate_on_ppocr_cls_with_400_images_and_batch_32(tmp_path):
     assert record["samples"] == 400
     assert record["value"] == pytest.approx(100 * np.mean(predictions == labels))
     assert math.isfinite(record["value"])
+
+
+@pytest.mark.parametrize("size", ["0", "-4"])
+def test_a_batch_size_below_one_is_one_line_and_exit_2(model_path, tmp_path, size):
+    np.savez(tmp_path / "val.npz", x=np.zeros((5, 3, 4, 6), np.float32), labels=np.zeros(5, np.int64))
+    proc = subprocess.run([sys.executable, "-m", "edgeq.cli", "validate", str(model_path), "--data", "val.npz", "--batch-size", size,
+                           "-o", "r.json"], cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"edgeq: error: batch size {size} is not a positive number of samples — give a batch size of 1 or more"]
+    assert not (tmp_path / "r.json").exists()

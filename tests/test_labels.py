@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,13 @@ def test_string_labels_are_refused_from_every_source(tmp_path):
     stream = Dataset(lambda: iter([({"x": np.zeros((4, 3), np.float32)}, CLASS_NAMES)]))
     with pytest.raises(DataError, match="labels are strings"):
         list(batches(stream, [TensorSpec("x", np.dtype("float32"), ("N", 3))]))
+
+
+@pytest.mark.parametrize("labels", [np.arange(4).astype(np.complex64), np.arange(4).astype("datetime64[D]")])
+def test_labels_that_are_not_numbers_are_refused(labels, tmp_path):
+    np.savez(tmp_path / "val.npz", x=np.zeros((4, 3), np.float32), labels=labels)
+    with pytest.raises(DataError, match=re.escape(f"the labels are {labels.dtype}, not numbers")):
+        Dataset.from_npz(tmp_path / "val.npz")
 
 
 def test_one_hot_labels_are_classification_not_regression(conv_model_path, images_and_ids):
