@@ -12,6 +12,8 @@ worker process (its parent draws). Tests inject a console: `configure(console=Co
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -109,11 +111,22 @@ def _start() -> "Progress | None":
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    # redirect_stdout=False: stdout carries the results (tables, JSON paths) and must stay byte for byte the same.
-    progress = Progress(*columns, console=console, transient=True, redirect_stdout=False, redirect_stderr=False)
+    own = _display.console is None
+    # Lines written while the bars are drawn would be overwritten by the next redraw, so they are printed above the
+    # bars: stderr's always, stdout's only when it is the very terminal the bars are on (a piped or redirected stdout
+    # carries results and stays byte for byte the same).
+    progress = Progress(*columns, console=console, transient=True, redirect_stderr=own,
+                        redirect_stdout=own and _stdout_is_the_same_terminal())
     progress.start()
     _display.progress = progress
     return progress
+
+
+def _stdout_is_the_same_terminal() -> bool:
+    try:
+        return sys.stdout.isatty() and os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (AttributeError, OSError, ValueError):  # streams replaced by objects without a file descriptor
+        return False
 
 
 def track(items: Iterable[T], description: str, total: Total = None) -> Iterator[T]:

@@ -122,3 +122,30 @@ def test_worker_processes_never_draw_even_on_a_terminal(monkeypatch):
     assert _draws_here(), "this process, on a forced terminal, draws"
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         assert pool.submit(_draws_here).result(timeout=60) is False
+
+
+def test_on_a_real_terminal_lines_printed_during_a_step_go_above_the_bar():
+    """stdout and stderr on one pty (a user at a terminal): a line printed mid-step must not be drawn over."""
+    import pty
+    import select
+
+    code = ("from edgeq import progress\nwith progress.step('auto', total=2) as s:\n"
+            "    print('best calibration: mse')\n    s.advance()\nprint('done')")
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TTY_", "FORCE_COLOR"))} | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    seen = b""
+    while select.select([master], [], [], 60)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = seen.decode(errors="replace")
+    assert "best calibration: mse\r\nauto" in text, "the line is printed, then the bar is drawn again below it"
+    assert text.rstrip().endswith("done")
