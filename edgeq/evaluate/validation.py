@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from edgeq.errors import ConfigError
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.scoring import Scorer
 from edgeq.evaluate.tasks.lm import causal_lm_input
-from edgeq.model import Model, load, run_session
+from edgeq.model import Model, TensorSpec, load, run_session
 from edgeq.progress import track
 
 
@@ -43,7 +44,7 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
     lm_input = causal_lm_input(subject) if ref is None and out_name == subject.outputs[0].name else None
     scorer = Scorer(has_reference=ref is not None, lm_input=lm_input)
     session = subject.session()
-    runs = lambda: _run_count(data.samples(subject.inputs), fixed_batch_size(subject.inputs) or batch_size)  # noqa: E731
+    runs = partial(_run_count, data, subject.inputs, batch_size)  # counted only when a progress bar is drawn
     for batch in track(batches(stream, subject.inputs, batch_size, refuse_nonfinite=False), "validating", total=runs):
         y = _run(session, out_name, batch.inputs, subject_label, data.description)
         scorer.add(batch, y, ref.run(batch, data.description) if ref else None)
@@ -51,8 +52,10 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
                          reference=ref.label if ref else None, notes=[*data.notes, *stream.notes])
 
 
-def _run_count(samples: int | None, batch_size: int) -> int | None:
-    return None if samples is None else -(-samples // max(batch_size, 1))
+def _run_count(data: Dataset, specs: list[TensorSpec], batch_size: int) -> int | None:
+    """How many runs validation makes (None when the data cannot say how many samples it holds)."""
+    samples = data.samples(specs)
+    return None if samples is None else -(-samples // max(fixed_batch_size(specs) or batch_size, 1))
 
 
 def _load(model: Path | str | Model) -> tuple[Model, str]:
