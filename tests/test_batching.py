@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,10 @@ def model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dyn") / "dyn.onnx"
     onnx.save(dynamic_classifier(), path)
     return path
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("EDGEQ_")} | {"PYTHONPATH": str(REPO)}
 
 
 @st.composite
@@ -118,7 +123,7 @@ def test_validate_on_ppocr_cls_with_400_images_and_batch_32(tmp_path):
     labels = rng.integers(0, 2, 400)
     np.savez(tmp_path / "val.npz", x=x, labels=labels)
     proc = subprocess.run([sys.executable, "-m", "edgeq.cli", "validate", str(PPOCR_CLS), "--data", "val.npz", "--batch-size", "32",
-                           "-o", "r.json"], cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                           "-o", "r.json"], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "r.json").read_text())
@@ -133,7 +138,7 @@ def test_validate_on_ppocr_cls_with_400_images_and_batch_32(tmp_path):
 def test_a_batch_size_below_one_is_one_line_and_exit_2(model_path, tmp_path, size):
     np.savez(tmp_path / "val.npz", x=np.zeros((5, 3, 4, 6), np.float32), labels=np.zeros(5, np.int64))
     proc = subprocess.run([sys.executable, "-m", "edgeq.cli", "validate", str(model_path), "--data", "val.npz", "--batch-size", size,
-                           "-o", "r.json"], cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                           "-o", "r.json"], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [f"edgeq: error: batch size {size} is not a positive number of samples — give a batch size of 1 or more"]
