@@ -24,7 +24,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from edgeq.data import Dataset, batches, open_data
 from edgeq.errors import ConfigError
 from edgeq.executor import Executor, LocalPool
 from edgeq.model import Model, load, model_files
+from edgeq.progress import Step, step
 from edgeq.quantize.config import Int8Static
 
 METHODS = ("minmax", "percentile", "mse")
@@ -123,7 +124,8 @@ class _Search:
         for name, proto, _ in candidates:
             path = save(proto, self.folder.path(f"candidates/{name}.onnx"), force=True)
             tasks.append(EvalTask(name, str(path), self.arrays, self.labels))
-        results = self.executor.map(evaluate_task, tasks)
+        with step(f"validating {', '.join(t.name for t in tasks)}"[:80]):
+            results = self.executor.map(evaluate_task, tasks)
         self.evaluations += len(tasks)
         out = []
         for (name, _, meta), task, result in zip(candidates, tasks, results):
@@ -167,8 +169,9 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
     folder = ReportFolder(Path(output), force=force, staged=True,
                           protect=(*model_files(source.path), *(Path(d) for d in (calib_spec, val_spec) if isinstance(d, (str, Path)))))
     try:
-        report = _run(source, calib, val, val_spec, budget, output, folder, target, executor, config, methods, bench_runs,
-                      bench_batch, threads, select, max_float_layers, refine, qat_inputs, say, started)
+        with step("auto") as phase:
+            report = _run(source, calib, val, val_spec, budget, output, folder, target, executor, config, methods, bench_runs,
+                          bench_batch, threads, select, max_float_layers, refine, qat_inputs, _narrated(say, phase), started)
     except BaseException:
         folder.discard()  # a failure or an interrupt leaves the output folder as it was, or absent
         raise
@@ -241,6 +244,14 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
     folder.write_json("report.json", report)
     folder.write_text("report.html", render_auto_html(report))
     return report
+
+
+def _narrated(say: Callable[..., None], phase: Step) -> Callable[..., None]:
+    """auto's messages name its phases as they begin: each one also becomes the phase's progress line."""
+    def narrate(text: str, *args: Any, **kwargs: Any) -> None:
+        phase.describe(f"auto: {text.strip()}"[:80])
+        say(text, *args, **kwargs)
+    return narrate
 
 
 def _check_options(select: str, budget: float, max_float_layers: int | None) -> None:

@@ -69,6 +69,13 @@ class Coverage(str, Enum):
     all = "all"
 
 
+@app.callback()
+def _global_options(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars on stderr (drawn only on a terminal anyway).")] = False) -> None:
+    from edgeq import progress
+
+    progress.configure(quiet=quiet)
+
+
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Preset = Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey, with optional overrides, "
                                                      "e.g. imagenet,size=256x256,layout=NHWC,mean=0.5/0.5/0.5.")]

@@ -34,7 +34,8 @@ def external_data_threshold() -> int:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, element type and shape of a graph input or output; a dim is an int, a symbolic name, or None."""
+    """Name, element type and shape of a graph input or output; a dim is an int, a symbolic name, or None (unknown:
+    no value, or a negative one such as the -1 that Paddle's exporter writes for a dynamic dim)."""
 
     name: str
     dtype: np.dtype
@@ -100,7 +101,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)) if tensor_type.elem_type else np.dtype("float32")
     dims: list[int | str | None] = []
     for d in tensor_type.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)

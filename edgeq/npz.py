@@ -13,7 +13,8 @@ from typing import IO
 
 import numpy as np
 
-from edgeq.data import _UNREADABLE, LABELS_KEY, Batch, _unreadable
+from edgeq.data.batch import LABELS_KEY, Batch
+from edgeq.data.files import UNREADABLE, unreadable
 from edgeq.errors import DataError
 
 CHUNK_BYTES = 16 * 2**20            # decompressed bytes per member and chunk (at least one sample)
@@ -42,8 +43,8 @@ def read_members(path: Path) -> list[Member]:
     try:
         with zipfile.ZipFile(path) as archive:
             return [_member(path, archive, info) for info in archive.infolist()]
-    except _UNREADABLE as exc:
-        raise _unreadable(path, exc, "numpy.savez") from None
+    except UNREADABLE as exc:
+        raise unreadable(path, exc, "numpy.savez") from None
 
 
 def _member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
@@ -104,8 +105,8 @@ def read_chunks(path: Path, members: list[Member]) -> Iterator[Batch]:
             for stream in streams.values():
                 if not isinstance(stream, np.ndarray):
                     stream.read(1)  # at the end of a member zipfile checks its CRC
-    except _UNREADABLE as exc:
-        raise _unreadable(path, exc, "numpy.savez") from None
+    except UNREADABLE as exc:
+        raise unreadable(path, exc, "numpy.savez") from None
 
 
 def _open_data(archive: zipfile.ZipFile, member: Member) -> IO[bytes] | np.ndarray:

@@ -70,7 +70,7 @@ def run_interleaved(paths: Sequence[Path], config, worker_code: str, env: dict[s
     with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as tmp:
         workers: list[_Worker] = []
         try:
-            for i, path in enumerate(paths):
+            for i, path in enumerate(track(paths, "benchmark: loading models", total=len(paths))):
                 workers.append(_Worker(path, config, worker_code, env, Path(tmp) / f"stderr-{i}.txt"))
                 workers[-1].expect("ready")  # one at a time: loading models in parallel would compete for the cores
             sizes = round_sizes(config.runs, config.rounds)

@@ -14,6 +14,7 @@ import onnx
 from edgeq.analyze._qdq import Prepared, quantize_qdq
 from edgeq.data import Dataset, batches
 from edgeq.model import make_session
+from edgeq.progress import track
 
 
 @dataclass
@@ -75,7 +76,7 @@ def sensitivity(prep: Prepared, feed: dict[str, np.ndarray], layers: list[str] |
     names = layers or [l["name"] for l in prep.layers]
     ops = {l["name"]: l["op_type"] for l in prep.layers}
     result = []
-    for name in names:
+    for name in track(names, "sensitivity: each layer alone INT8, alone float", total=len(names)):
         alone = fidelity(reference, outputs_of(quantize_qdq(prep, only=[name]), feed))
         kept = fidelity(reference, outputs_of(quantize_qdq(prep, exclude=[name]), feed))
         result.append(LayerSensitivity(name, ops.get(name, "?"), alone, kept))

@@ -13,7 +13,7 @@ from edgeq.evaluate.metrics import METRICS
 from edgeq.evaluate.outputs import OutputFidelity, OutputSummary, thresholds, worst_output
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.stats import Estimate, contain, json_number, mean_estimate
-from edgeq.evaluate.tasks.classify import classify, classify_metrics, labelled_task
+from edgeq.evaluate.tasks.classify import classify, classify_metrics, classify_warnings, labelled_task
 from edgeq.evaluate.tasks.lm import window_nll
 from edgeq.evaluate.tasks.regress import regress, regress_metrics
 from edgeq.evaluate.tasks.rows import failed_rows
@@ -122,7 +122,8 @@ class Scorer:
             output = output if self.labelled else worst.name
         primary = _primary(metrics, self.task if self.labelled or self.task == "lm" else "fidelity")
         nonfinite = dict(self.counts)
-        warnings = [*notes, *self.warnings, *_nonfinite_warnings(nonfinite, n, cols)]
+        assumed = classify_warnings(cols) if self.labelled and self.task == "classify" else []
+        warnings = [*notes, *self.warnings, *assumed, *_nonfinite_warnings(nonfinite, n, cols)]
         unscored = [o.name for o in self.outputs if o.name not in {s.name for s in summaries} | self.skipped] if self.has_reference else []
         warnings += [s.caveat for s in summaries if s.caveat]
         if self.skipped:

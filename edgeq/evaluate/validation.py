@@ -4,19 +4,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgeq.calibrate import Feeds
-from edgeq.data import Batch, Dataset, batches, conform, open_data
+from edgeq.data import Batch, Dataset, batches, conform, fixed_batch_size, open_data
 from edgeq.errors import ConfigError, DataError
 from edgeq.evaluate.outputs import OutputFidelity
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.scoring import Scorer
 from edgeq.evaluate.tasks.lm import causal_lm_input
-from edgeq.model import Model, load, run_session
+from edgeq.model import Model, TensorSpec, load, run_session
+from edgeq.progress import track
 
 
 def validate(model: Path | str | Model, data: Dataset | Path | str, reference: Path | str | Model | None = None,
@@ -54,7 +56,8 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
                     outputs=[OutputFidelity(n, specs[n], n in softmax) for n in names])
     session = subject.session()
     run_names = names if ref is not None else names[:1]  # labels and perplexity read the first output only
-    for batch in _runs(stream, subject, batch_size):
+    runs = partial(_run_count, data, subject.inputs, batch_size)  # counted only when a progress bar is drawn
+    for batch in track(_runs(stream, subject, batch_size), "validating", total=runs):
         ys = _run(session, run_names, batch, subject_label, data.description)
         scorer.add(batch, ys, ref.run(batch, data.description) if ref else None)
     return scorer.record(subject_label, data.description, names[0], "sha256:" + digest.hexdigest(),
@@ -79,6 +82,12 @@ def _runs(stream: Dataset, model: Model, batch_size: int) -> Iterator[Batch]:
         count += 1
     if not count:
         raise DataError(f"{stream.description} holds no feeds", "give at least one")
+
+
+def _run_count(data: Dataset, specs: list[TensorSpec], batch_size: int) -> int | None:
+    """How many runs validation makes (None when the data cannot say how many samples it holds)."""
+    samples = data.samples(specs)
+    return None if samples is None else -(-samples // max(fixed_batch_size(specs) or batch_size, 1))
 
 
 def _load(model: Path | str | Model) -> tuple[Model, str]:

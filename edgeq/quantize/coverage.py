@@ -197,7 +197,10 @@ def choose_for(prepared: Model, calib, config, build: Callable[[tuple[str, ...]]
                and n.op_type in COMPUTE_OP_TYPES and n.name not in config.exclude_nodes}
     recipe = {"op_types": list(config.op_types), "exclude": list(config.exclude_nodes), "per_channel": config.per_channel,
               "activation_type": config.activation_type, "weight_bits": config.weight_bits}
-    return choose(prepared, build, feed, targets, config.threads, recipe)
+    from edgeq.progress import step
+
+    with step("--coverage measured: profiling int8 and float kernels"):
+        return choose(prepared, build, feed, targets, config.threads, recipe)
 
 
 def annotate(summary, report: CoverageReport) -> None:

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.data import Dataset, batches
 from edgeq.errors import ConfigError, DataError
 from edgeq.model import Model
+from edgeq.progress import track
 from edgeq.quantize.awq import quantize_awq
 from edgeq.quantize.config import Int4WeightOnly
 from edgeq.quantize.gptq import hessian, quantize_gptq
@@ -69,7 +70,8 @@ def quantize_int4(model: Model, config: Int4WeightOnly, calib: Dataset | None = 
         quants, awq_notes = quantize_awq(proto, targets, stats, config)
         notes.extend(awq_notes)
     else:
-        quants = {t.node.name: _quantize(t, config, stats.get(t.activation)) for t in targets}
+        layers = track(targets, f"int4 {config.algorithm}: layers", total=len(targets))
+        quants = {t.node.name: _quantize(t, config, stats.get(t.activation)) for t in layers}
     int8 = choose_int8(targets, quants, stats, config)
     if int8:
         notes.append(f"kept at INT8: {', '.join(sorted(int8))}")
@@ -176,7 +178,7 @@ def collect_stats(model: Model, targets: list[Target], calib: Dataset, config: I
     abs_sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = dict.fromkeys(names, 0)
     seen = 0
-    for batch in batches(calib, model.inputs, config.batch_size):
+    for batch in track(batches(calib, model.inputs, config.batch_size), "int4: activation statistics"):
         if config.max_samples is not None and seen >= config.max_samples:
             break
         feed = batch.inputs

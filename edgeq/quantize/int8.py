@@ -236,7 +236,9 @@ def _choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Ob
     names = [o.name for o in reference.get_outputs()]
     expected = [reference.run(names, b.inputs) for b in held]
     scores = {}
-    for method in METHODS:
+    from edgeq.progress import track
+
+    for method in track(METHODS, "--method auto: scoring each method", total=len(METHODS)):
         session = qdq(seen.ranges(method, percentile=config.percentile, symmetric=config.activation_type == "int8")).session(threads=0)
         got = [session.run(names, b.inputs) for b in held]
         scores[method] = round(output_sqnr(expected, got), 2)

@@ -156,7 +156,9 @@ def sample_rows(model, data, names: list[str], *, rows: int = 2048, batch_size: 
     rng = np.random.default_rng(seed)
     kept: dict[str, np.ndarray] = {}
     seen: dict[str, int] = {}
-    for batch in batches(data, model.inputs, batch_size, max_samples=max_samples):
+    from edgeq.progress import track
+
+    for batch in track(batches(data, model.inputs, batch_size, max_samples=max_samples), "smoothquant: sampling activations"):
         values = run_session(session, names, batch.inputs, "the model", f"the calibration data ({data.description})")
         for name, value in zip(names, values):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
