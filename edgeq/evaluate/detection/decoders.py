@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edgeq.errors import ConfigError
-from edgeq.evaluate.detection.boxes import Detections, postprocess
+from edgeq.evaluate.detection.boxes import Detections, select
 
 Decoder = Callable[..., list[Detections]]
 # NMS IoU defaults: YOLOv5's 0.45 for the YOLO heads, rapid_layout's/PaddleDetection's 0.5 for PicoDet, 0.5 for SSD.
@@ -35,14 +35,10 @@ def _xywh_to_xyxy(b: np.ndarray) -> np.ndarray:
 
 
 def _per_anchor(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, iou_threshold: float,
-                max_detections: int) -> list[Detections]:
-    """Boxes (N, A, 4) xyxy and scores (N, A, C): the best class per anchor, then threshold and NMS per image."""
-    found = []
-    for b, s in zip(boxes, scores):
-        cls = s.argmax(axis=1)
-        det = Detections.of(b, s[np.arange(len(s)), cls], cls)
-        found.append(postprocess(det, score_threshold, iou_threshold, max_detections))
-    return found
+                max_detections: int, multi_label: bool = False) -> list[Detections]:
+    """Boxes (N, A, 4) xyxy and scores (N, A, C): threshold and class-aware NMS per image."""
+    return [select(b, s, score_threshold, iou_threshold, max_detections, multi_label=multi_label)
+            for b, s in zip(boxes, scores)]
 
 
 def _single(outputs: dict[str, np.ndarray], rank: int, name: str) -> np.ndarray:
@@ -122,8 +118,9 @@ def decode_picodet(outputs: dict[str, np.ndarray], input_hw: tuple[int, int], sc
         centre = np.stack([cx, cy, cx, cy], axis=1)[None]
         all_boxes.append(centre + dist * np.array([-1, -1, 1, 1]))
         all_scores.append(score)
+    # every class above the threshold per anchor, as PP-PicoDet's own post-processing does
     return _per_anchor(np.concatenate(all_boxes, axis=1), np.concatenate(all_scores, axis=1), score_threshold,
-                       iou_threshold, max_detections)
+                       iou_threshold, max_detections, multi_label=True)
 
 
 DECODERS: dict[str, Decoder] = {"yolo": decode_yolo, "yolov5": decode_yolov5, "ssd": decode_ssd, "picodet": decode_picodet}

@@ -13,6 +13,11 @@ COCO_IOUS = np.linspace(0.5, 0.95, 10)
 _RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
+def _of_class(det: Detections, cls: int) -> Detections:
+    keep = det.classes == cls
+    return Detections(det.boxes[keep], det.scores[keep], det.classes[keep])
+
+
 def _match(pred: Detections, truth: Detections, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Greedy by score, same class only: for each prediction (score order) the free truth of highest IoU >= threshold.
 
@@ -52,7 +57,7 @@ def coco_map(preds: list[Detections], truths: list[Detections]) -> dict[str, flo
         for c in classes:
             scores, hits, count = [], [], 0
             for p, t in zip(preds, truths):
-                pc, tc = p.take(p.classes == c), t.take(t.classes == c)
+                pc, tc = _of_class(p, c), _of_class(t, c)
                 hit, _ = _match(pc, tc, thr)
                 scores.append(np.sort(pc.scores, kind="stable")[::-1])
                 hits.append(hit)
