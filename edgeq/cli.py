@@ -214,6 +214,10 @@ def validate(
     reference: Annotated[Optional[Path], typer.Option(help="Reference model for fidelity when the data has no labels.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per run.")] = 32,
     outputs: Annotated[Optional[str], typer.Option(help="Comma-separated outputs to score (default: every output).")] = None,
+    task: Annotated[str, typer.Option(help="auto (a detector head with --reference: detect), detect, or raw (tensor metrics).")] = "auto",
+    decoder: Annotated[Optional[str], typer.Option(help="With --task detect: yolo, yolov5, ssd, picodet or module:function (default: by head shape).")] = None,
+    score_threshold: Annotated[float, typer.Option(help="With --task detect: boxes scoring below this are dropped.")] = 0.25,
+    iou: Annotated[Optional[float], typer.Option(help="With --task detect: NMS IoU (default 0.45 yolo/yolov5, 0.5 ssd/picodet).")] = None,
     preset: Preset = "raw",
     force: Force = False,
 ) -> None:
@@ -227,7 +231,18 @@ def validate(
     names = [n.strip() for n in outputs.split(",") if n.strip()] if outputs is not None else None
     if names == []:
         raise UserError("--outputs names no output", "give comma-separated output names, e.g. --outputs logits,boxes")
-    record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size, outputs=names)
+    from edgeq.evaluate.detect_validation import detector_head, raw_tensor_warning, validate_detection
+
+    if task not in ("auto", "detect", "raw"):
+        raise UserError(f"--task {task} is not a task", "use auto, detect or raw")
+    head = detector_head(model) if task != "detect" else None
+    if task == "detect" or (task == "auto" and head and reference is not None and names is None):
+        record = validate_detection(model, edgeq.open_data(data, preset), reference, decoder=decoder,
+                                    score_threshold=score_threshold, iou=iou, batch_size=batch_size)
+    else:
+        record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size, outputs=names)
+        if head:
+            record.warnings.append(raw_tensor_warning(head))
     atomic.write_json(output, record.to_dict())
     print_validation(out, record)
 

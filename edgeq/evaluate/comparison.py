@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.decide import DecisionRule, decide
+from edgeq.decide import SHIP, TRY_QAT, DecisionRule, Verdict, decide
 from edgeq.errors import UserError
 from edgeq.evaluate.metrics import METRICS, MetricInfo
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.render import format_value
 from edgeq.evaluate.stats import Estimate, bootstrap_ci, contain, json_number, proportion
+from edgeq.evaluate.tasks.detect import MIN_SHIP_BOX_F1
 
 _REQUIRED = ("metric", "value", "samples", "per_sample", "data_fingerprint")
 
@@ -101,12 +102,22 @@ def compare(base: dict | ValidationRecord, candidate: dict | ValidationRecord, r
         drop, drop_ci = _relative_ppl(drop), (_relative_ppl(drop_ci[0]), _relative_ppl(drop_ci[1]))
     within = bool(drop_ci[0] <= 0 <= drop_ci[1])
     agreement = _agreement(base, cand)
-    verdict = decide(drop, drop_ci, rule, samples=len(diff))
+    verdict = _box_floor(decide(drop, drop_ci, rule, samples=len(diff)), cand)
     reasons = [*_context(base, cand, info, len(diff), agreement), *verdict.reasons]
     return Comparison(base["metric"], _unit(base["metric"]), info.higher_is_better, int(base["samples"]),
                       _float(base["value"]), _float(cand["value"]), _pair(base.get("ci95")), _pair(cand.get("ci95")),
                       str(base.get("model")), str(cand.get("model")), drop, drop_ci, within, agreement,
                       verdict.verdict, reasons, rule)
+
+
+def _box_floor(verdict: Verdict, cand: dict) -> Verdict:
+    """A detector keeping fewer than 90% of the reference's boxes (box F1, point value) never ships, whatever the rule."""
+    f1 = (cand.get("metrics") or {}).get("box_f1", {}).get("value")
+    if verdict.verdict != SHIP or f1 is None or f1 >= MIN_SHIP_BOX_F1:
+        return verdict
+    return Verdict(TRY_QAT, [f"box F1 against the reference is {f1:.3f}, below {MIN_SHIP_BOX_F1}: a detector that loses "
+                             "that many boxes does not ship, whatever the thresholds; try QAT or keep the head in float",
+                             *verdict.reasons[1:]])
 
 
 def _relative_ppl(nll_increase: float) -> float:

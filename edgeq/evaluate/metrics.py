@@ -34,4 +34,9 @@ METRICS = {
     # drop is the relative increase in percent (exp of the paired nll difference, minus one).
     "perplexity": MetricInfo("nll", higher_is_better=False),
     "nll": MetricInfo("nll", higher_is_better=False, unit="nats/token"),
+    # Detection against the FP32 reference: means over images of each image's box agreement (IoU 0.5, same class).
+    "box_f1": MetricInfo("box_f1", points=100),
+    "box_precision": MetricInfo("box_precision", points=100),
+    "box_recall": MetricInfo("box_recall", points=100),
+    "matched_iou": MetricInfo("matched_iou", points=100),
 }
