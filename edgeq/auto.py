@@ -10,7 +10,9 @@ and of candidates with the same layers in float (the same kernels) the more accu
 model meets the budget, quantization-aware training runs if the PyTorch model was given (`qat=QatSource(...)`), and
 FP16 is evaluated if nothing meets after that; otherwise the verdict gives the QAT command to run. Every candidate is
 evaluated through an executor (a local process pool by default); every candidate's latency is measured and the
-fastest one that meets the budget wins.
+fastest one that meets the budget wins, FP32 and FP16 included (both are evaluated first, before calibration): when
+nothing beats FP32 the verdict says so and FP32 is the model written. Validation data without labels makes the metric
+fidelity to the FP32 model (top-1 agreement, or cosine), stated in the report's `metric_note`.
 
 >>> result = edgeq.auto("model.onnx", calib="calib.npz", val="val.npz", budget=1.0, output="auto-out")   # doctest: +SKIP
 >>> result["verdict"]["status"], result["evaluations"]                                                  # doctest: +SKIP
@@ -82,6 +84,7 @@ class EvalTask:
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None
     batch_size: int = 64
+    reference: str | None = None   # without labels: the FP32 model, fidelity to it is the metric
 
 
 def evaluate_task(task: EvalTask) -> dict:
@@ -89,7 +92,7 @@ def evaluate_task(task: EvalTask) -> dict:
     from edgeq.evaluate import validate
 
     data = Dataset.from_arrays(task.arrays, labels=task.labels, description="validation")
-    record = validate(task.model_path, data, batch_size=task.batch_size).to_dict()
+    record = validate(task.model_path, data, reference=task.reference, batch_size=task.batch_size).to_dict()
     record.pop("predictions", None)
     return record
 
@@ -109,9 +112,9 @@ def materialize(data: Dataset, model: Model) -> tuple[dict[str, np.ndarray], np.
 class _Search:
     """Saves, evaluates and records candidates; counts evaluations."""
 
-    def __init__(self, folder, executor: Executor, arrays, labels, budget: float, rule) -> None:
+    def __init__(self, folder, executor: Executor, arrays, labels, budget: float, rule, reference: str | None = None) -> None:
         self.folder, self.executor, self.arrays, self.labels = folder, executor, arrays, labels
-        self.budget, self.rule = budget, rule
+        self.budget, self.rule, self.reference = budget, rule, reference
         self.records: dict[str, dict] = {}
         self.base: dict | None = None
         self.evaluations = 0
@@ -123,7 +126,7 @@ class _Search:
         tasks = []
         for name, proto, _ in candidates:
             path = save(proto, self.folder.path(f"candidates/{name}.onnx"), force=True)
-            tasks.append(EvalTask(name, str(path), self.arrays, self.labels))
+            tasks.append(EvalTask(name, str(path), self.arrays, self.labels, reference=self.reference))
         with step(f"validating {', '.join(t.name for t in tasks)}"[:80]):
             results = self.executor.map(evaluate_task, tasks)
         self.evaluations += len(tasks)
@@ -135,7 +138,7 @@ class _Search:
                 self.base = result
                 record.update(drop=0.0, drop_ci95=[0.0, 0.0], meets=True)
             else:
-                c = compare(self.base, result, self.rule).to_dict()
+                c = compare(self.base if self.reference is None else _perfect(result), result, self.rule).to_dict()
                 record.update(drop=c["drop"], drop_ci95=c["drop_ci95"], meets=bool(c["drop"] <= self.budget), comparison_reasons=c["reasons"])
             self.records[name] = record
             out.append(record)
@@ -146,12 +149,38 @@ class _Search:
         return [r for r in self.records.values() if r["meets"] and r["kind"] != "fp32"]
 
 
+def _perfect(record: dict) -> dict:
+    """FP32's fidelity to itself, on the candidate's metric and samples: 100% agreement, cosine 1. Each candidate's
+    drop is paired against it, so it is the points the candidate loses to FP32 even when the worst output (and so
+    the metric) differs between candidates of a multi-output model."""
+    from edgeq.evaluate.metrics import METRICS
+
+    info = METRICS[record["metric"]]
+    ones = [1.0] * len(record["per_sample"][info.samples])
+    return {**record, "value": info.scale, "ci95": [info.scale, info.scale], "model": "fp32 (reference)", "worst": None,
+            "predictions": None, "per_sample": {**record["per_sample"], info.samples: ones}}
+
+
+def fidelity_reference(source: Model, labels: np.ndarray | None) -> bool:
+    """Whether auto measures fidelity to the FP32 model: the validation data has no labels and the model is no causal
+    language model (those are scored by perplexity without labels)."""
+    from edgeq.evaluate.tasks.lm import causal_lm_input
+
+    return labels is None and causal_lm_input(source) is None
+
+
 def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | str | Path, budget: float = 1.0,
          output: str | Path = "auto-out", *, target: str = "onnxruntime-cpu", executor: Executor | None = None,
          config: Int8Static | None = None, methods: tuple[str, ...] = METHODS, force: bool = False,
          bench_runs: int = 20, bench_batch: int = 64, threads: int = 1, select: str = "fidelity",
          max_float_layers: int | None = None, refine: bool = True, qat: QatSource | None = None, console: Any = None) -> dict:
-    """Meet `budget` (points of the validation metric, e.g. top-1 %) with the fastest model; write OUTDIR.
+    """Meet `budget` (points of the validation metric: top-1 % with labels, fidelity to MODEL without) with the
+    fastest model, FP32 and FP16 included; write OUTDIR.
+
+    Validation data without labels is scored by fidelity to MODEL itself (the natural reference), as `validate
+    --reference` does: the worst output's top-1 agreement (%), or its cosine for embeddings and other tensors; the
+    budget is then in points of it: percentage points of agreement, or 0.01 of cosine (budget 1: cosine >= 0.99).
+    FP32 is a candidate like the others: when no candidate within the budget is faster, FP32 is chosen and written.
 
     `max_float_layers` caps the layers the search may return to float (0: a fully INT8 model or nothing);
     `refine` False skips the recipe refinement (one evaluation less); `qat` lets QAT run when nothing else meets."""
@@ -191,7 +220,13 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
     own_executor = executor is None
     executor = executor or LocalPool(2)
     rule = DecisionRule(ship_below=max(budget, 1e-9), qat_up_to=max(budget, 3.0))
-    search = _Search(folder, executor, arrays, labels, budget, rule)
+    reference = None
+    if fidelity_reference(source, labels):   # decided before any calibration: no labels, FP32 is the reference
+        from edgeq.model import save
+
+        reference = str(save(source.proto, folder.path("candidates/fp32.onnx"), force=True))
+        say("the validation data has no labels: measuring fidelity to the FP32 model (budget in points of it)")
+    search = _Search(folder, executor, arrays, labels, budget, rule, reference)
     steps: list[dict] = []
     try:
         preps, best, feed = _calibrate(search, source, calib, config, methods, select, steps, say)
@@ -211,7 +246,7 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
             _fp16_step(search, source, say)
         _measure(search, n_layers, threads, bench_runs, bench_batch, say)
         meeting = search.meeting()
-        chosen = _choose(meeting) if meeting else search.records["fp32"]
+        chosen = _choose([search.records["fp32"], *meeting]) if meeting else search.records["fp32"]
         notes = [s["result"] for s in steps if "result" in s]
         hint = None if qat_inputs is not None else _qat_command(source, val_spec, config, output)
         verdict = _verdict(chosen, meeting, search, budget, n_layers, analysis, best, notes, hint)
@@ -544,7 +579,14 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
     model (or the recommendation when none meets)."""
     reasons = [f"full INT8 with the best calibration ({best['method']}) drops {best['drop']:+.2f} points"
                + (": within the budget" if best["meets"] else ": over the budget"), *notes]
-    if chosen["kind"] in ("int8", "qat"):
+    if meeting and chosen["kind"] == "fp32":
+        status = "fp32"
+        fastest = min(meeting, key=lambda r: r["p50_ms"])
+        summary = (f"nothing beats FP32: the fastest candidate within the budget, {fastest['name']} (drop {fastest['drop']:+.2f}), "
+                   f"runs at {chosen['p50_ms'] / fastest['p50_ms']:.2f}× FP32's speed ({fastest['p50_ms']:.2f} ms vs "
+                   f"{chosen['p50_ms']:.2f} ms p50); FP32 is the chosen model")
+        reasons += _speed_reasons(chosen, [chosen, *meeting], search)[:-1]
+    elif chosen["kind"] in ("int8", "qat"):
         status = "met"
         how = f"{n_layers - len(chosen['float_layers'])} of {n_layers} layers INT8" if chosen["kind"] == "int8" else \
             f"all {n_layers} layers INT8 after quantization-aware training"
@@ -561,7 +603,7 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
         if fp16 is not None:
             reasons.append(f"or FP16: drop {fp16['drop']:+.2f} points, {fp16['size_mb']:.2f} MB "
                            f"({'meets' if fp16['meets'] else 'misses'} the budget; on CPUs without FP16 arithmetic it is not faster)")
-            if fp16["meets"]:
+            if fp16["meets"] and chosen is fp16:
                 status, summary = "fp16", summary + "; FP16 does, and is the chosen model"
     broken = broken_layers(analysis)
     if broken:
@@ -599,7 +641,7 @@ def print_auto(console, report: dict, output: Path | str) -> None:
     from rich.table import Table
 
     v = report["verdict"]
-    colour = {"met": "green", "fp16": "yellow"}.get(v["status"], "red")
+    colour = {"met": "green", "fp16": "yellow", "fp32": "yellow"}.get(v["status"], "red")
     console.print(f"[bold {colour}]{v['summary']}[/]", highlight=False)
     for reason in v["reasons"]:
         console.print(f"  • {reason}", highlight=False)

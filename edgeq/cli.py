@@ -332,7 +332,7 @@ def analyze(
 def auto(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     calib: Annotated[Path, typer.Option(help="Calibration DATA.")],
-    val: Annotated[Path, typer.Option(help="Validation DATA (labels give top-1; the metric the budget is in).")],
+    val: Annotated[Path, typer.Option(help="Validation DATA: the metric the budget is in (labels give top-1; without labels, fidelity to MODEL).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the chosen model, candidates and the report.")],
     budget: Annotated[float, typer.Option(help="Accepted drop of the validation metric, in points.")] = 1.0,
     target: Annotated[str, typer.Option(help="Target profile for the operator-support table.")] = "onnxruntime-cpu",
@@ -347,7 +347,7 @@ def auto(
     preset: Preset = "raw",
     force: Force = False,
 ) -> None:
-    """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, then QAT; fastest wins."""
+    """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, then QAT; fastest wins, FP32 and FP16 included."""
     import edgeq
     from edgeq.auto import QatSource, print_auto
     from edgeq.auto import auto as run_auto

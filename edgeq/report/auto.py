@@ -6,7 +6,7 @@ import html
 import io
 
 COLOURS = {"meets": "#1a7f37", "misses": "#cf222e", "fp32": "#57606a", "front": "#0969da"}
-STATUS_COLOURS = {"met": "#1a7f37", "fp16": "#9a6700", "not-met": "#cf222e"}
+STATUS_COLOURS = {"met": "#1a7f37", "fp16": "#9a6700", "fp32": "#9a6700", "not-met": "#cf222e"}
 
 
 def pareto_front(candidates: list[dict]) -> list[str]:
