@@ -579,9 +579,10 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
     model (or the recommendation when none meets)."""
     reasons = [f"full INT8 with the best calibration ({best['method']}) drops {best['drop']:+.2f} points"
                + (": within the budget" if best["meets"] else ": over the budget"), *notes]
-    if meeting and chosen["kind"] == "fp32":
+    quantized = [r for r in meeting if r["kind"] in ("int8", "qat")]
+    if quantized and chosen["kind"] == "fp32":
         status = "fp32"
-        fastest = min(meeting, key=lambda r: r["p50_ms"])
+        fastest = min(quantized, key=lambda r: r["p50_ms"])
         summary = (f"nothing beats FP32: the fastest candidate within the budget, {fastest['name']} (drop {fastest['drop']:+.2f}), "
                    f"runs at {chosen['p50_ms'] / fastest['p50_ms']:.2f}× FP32's speed ({fastest['p50_ms']:.2f} ms vs "
                    f"{chosen['p50_ms']:.2f} ms p50); FP32 is the chosen model")
@@ -605,6 +606,10 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
                            f"({'meets' if fp16['meets'] else 'misses'} the budget; on CPUs without FP16 arithmetic it is not faster)")
             if fp16["meets"] and chosen is fp16:
                 status, summary = "fp16", summary + "; FP16 does, and is the chosen model"
+            elif fp16["meets"]:
+                status = "fp32"
+                summary += (f"; FP16 does but runs at {chosen['p50_ms'] / fp16['p50_ms']:.2f}× FP32's speed: nothing beats FP32, "
+                            "the chosen model")
     broken = broken_layers(analysis)
     if broken:
         reasons.insert(1, "layers that break INT8: " + "; ".join(f"{n} ({why})" for n, why in broken.items()))
