@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.analyze import analyze
-from edgeq.analyze._qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
+from edgeq.quantize.qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
 from edgeq.analyze.sensitivity import eval_inputs, fidelity, full_int8_fidelity, outputs_of
 from edgeq.data import Dataset, batches, open_data
 from edgeq.errors import ConfigError

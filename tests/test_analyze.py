@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeq
 from edgeq.analyze import analyze, operator_support, weight_outliers
-from edgeq.analyze._qdq import prepare_and_calibrate
+from edgeq.quantize.qdq import prepare_and_calibrate
 from edgeq.analyze.outliers import QMAX
 from edgeq.analyze.planted import plant_outliers
 from edgeq.analyze.quality import data_quality

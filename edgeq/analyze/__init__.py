@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq.analyze._qdq import Prepared, prepare_and_calibrate, prepare_model, quantizable_layers
+from edgeq.quantize.qdq import Prepared, prepare_and_calibrate, prepare_static, quantizable_layers
 from edgeq.analyze.outliers import LayerOutliers, weight_outliers
 from edgeq.analyze.quality import DataQuality, data_quality
 from edgeq.analyze.sensitivity import Fidelity, LayerSensitivity, eval_inputs, full_int8_fidelity, sensitivity
@@ -62,7 +62,7 @@ def analyze(model: Model | str | Path, calib: Dataset | str | Path | None = None
         graph = prepared.model.proto
     else:
         try:
-            graph = prepare_model(source, config)[0].proto
+            graph = prepare_static(source, config)[0].proto
         except UserError as exc:   # e.g. a custom op ONNX Runtime cannot load: the static analyses still apply
             graph, notes = source.proto, [f"the graph could not be prepared for quantization ({exc}); analysed as given"]
     result = Analysis(str(source.path or source.name), str(target), len(quantizable_layers(graph)))

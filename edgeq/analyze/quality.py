@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgeq.analyze._qdq import Prepared
+from edgeq.quantize.qdq import Prepared
 from edgeq.calibrate import with_outputs
 from edgeq.data import Dataset, batches
 from edgeq.model import Model, make_session

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from edgeq.analyze._qdq import Prepared, quantize_qdq
+from edgeq.quantize.qdq import Prepared, quantize_qdq
 from edgeq.data import Dataset, batches
 from edgeq.model import make_session
 
