@@ -14,7 +14,7 @@ import edgeq
 from edgeq.analyze import analyze, operator_support, weight_outliers
 from edgeq.quantize.qdq import prepare_and_calibrate
 from edgeq.analyze.outliers import QMAX
-from edgeq.analyze.planted import plant_outliers
+from edgeq.testing.planted import plant_outliers
 from edgeq.analyze.quality import data_quality
 from edgeq.analyze.sensitivity import eval_inputs, fidelity, sensitivity
 from edgeq.errors import ConfigError

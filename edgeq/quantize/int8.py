@@ -56,11 +56,11 @@ def _dynamic_body(standalone: onnx.ModelProto, config: Int8Dynamic) -> tuple[onn
 
 def _measured_slowdown(before: Model, after: Model, runs: int = 10) -> str:
     """Median latency of both models on the same random batch of one, at 1 thread: the ratio users must see."""
-    from edgeq.bench import BenchConfig, median_ms, random_feed
+    from edgeq.timing import BatchShape, median_ms, random_feed
     from edgeq.errors import UserError
 
     try:
-        feed = random_feed(before.inputs, BenchConfig(batch=1))
+        feed = random_feed(before.inputs, BatchShape(batch=1))
     except UserError:
         return "not measured here (dynamic input dims); `edgeq bench --shape ...` measures the ratio"
     fp32, dynamic = (median_ms(model.proto, feed, runs) for model in (before, after))
