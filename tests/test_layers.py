@@ -85,7 +85,7 @@ def test_the_scan_sees_function_level_imports(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("def f():\n    from edgeq.auto import auto\n    import edgeq.report\n    from edgeq import data, Model\n",
                       encoding="utf-8")
-    assert _imports(source, {"edgeq.data"}) == [(2, "edgeq.auto"), (3, "edgeq.report"), (4, "edgeq.data"), (4, "edgeq")]
+    assert _imports(source, {"edgeq.data"}) == [(2, "edgeq.auto"), (3, "edgeq.report"), (4, "edgeq"), (4, "edgeq.data")]
     table = _layer_table()
     assert _owner("edgeq.quantize.int8", table) < _owner("edgeq.auto", table)
     assert _owner("edgeq.quantize.repair.smoothquant", table) < _owner("edgeq.quantize.qdq", table)
