@@ -28,7 +28,7 @@ from edgeq.bench_table import bench_table  # noqa: F401 - the table renders thes
 from edgeq.errors import ConfigError, DataError, ModelError
 from edgeq.memory import peak_rss_kib, reset_peak, rss_kib
 from edgeq.model import TensorSpec
-from edgeq.timing import random_feed
+from edgeq.timing import is_fixed_dim, random_feed
 
 
 
@@ -333,7 +333,7 @@ def data_feed(specs: list[TensorSpec], config: BenchConfig, notes: list[str] | N
     first = next(batches(dataset, specs, config.batch))
     # Copies: the feed must not keep the whole data set alive through views.
     feed = {k: np.array(v, copy=True) for k, v in first.inputs.items()}
-    batch_fixed = any(s.rank and _is_fixed(s.shape[0]) for s in specs)
+    batch_fixed = any(s.rank and is_fixed_dim(s.shape[0]) for s in specs)
     if notes is not None and not batch_fixed and first.size < config.batch:
         notes.append(f"the data holds {first.size} samples, so batches have {first.size}, not {config.batch}")
     return feed

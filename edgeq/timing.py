@@ -126,7 +126,7 @@ def _input_shapes(specs: list[TensorSpec], config: FeedShape, model_label: str) 
         if spec.name in config.shapes:
             shapes[spec.name] = _given_shape(spec, config.shapes[spec.name], model_label)
             continue
-        dims = [d if _is_fixed(d) else (config.batch if axis == 0 else None) for axis, d in enumerate(spec.shape)]
+        dims = [d if is_fixed_dim(d) else (config.batch if axis == 0 else None) for axis, d in enumerate(spec.shape)]
         if any(d is None for d in dims):
             example = ",".join(str(d) if d is not None else f"<{_dim_label(spec.shape[a], a)}>" for a, d in enumerate(dims))
             missing.append(f"{spec.name}={example}")
@@ -139,7 +139,7 @@ def _input_shapes(specs: list[TensorSpec], config: FeedShape, model_label: str) 
     return shapes
 
 
-def _is_fixed(dim: int | str | None) -> bool:
+def is_fixed_dim(dim: int | str | None) -> bool:
     return isinstance(dim, int) and dim >= 0
 
 
@@ -152,7 +152,7 @@ def _given_shape(spec: TensorSpec, shape: tuple[int, ...], model_label: str) -> 
         raise ConfigError(f"--shape {spec.name}={','.join(map(str, shape))} has rank {len(shape)}; input {spec.describe()} of {model_label} has rank {spec.rank}",
                           "give one number per dim")
     for axis, (given, want) in enumerate(zip(shape, spec.shape)):
-        if _is_fixed(want) and given != want:
+        if is_fixed_dim(want) and given != want:
             raise ConfigError(f"--shape {spec.name}: axis {axis} is {given}, but {model_label} fixes it at {want} ({spec.describe()})",
                               f"use {want} for axis {axis}")
     return shape

@@ -10,7 +10,8 @@ import edgeq
 # Bottom to top. A module belongs to the longest prefix listed; every module must belong to one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and runtimes", ("edgeq.errors", "edgeq.atomic", "edgeq.interrupts", "edgeq.progress", "edgeq.memory",
-                           "edgeq.formats", "edgeq.model", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing")),
+                           "edgeq.formats", "edgeq.model", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
+                           "edgeq.sqnr")),
     ("calibration and passes", ("edgeq.calibrate", "edgeq.quantize.repair")),
     ("quantize", ("edgeq.quantize", "edgeq.qat")),
     ("evaluate and bench", ("edgeq.evaluate", "edgeq.decide", "edgeq.bench", "edgeq.bench_table", "edgeq.rounds",
@@ -33,12 +34,13 @@ def _modules() -> dict[str, Path]:
 
 
 def _owner(module: str, table: dict[str, int]) -> int | None:
-    """The layer index of the longest listed prefix of `module` (None when none is listed)."""
+    """The layer index of the longest listed prefix of `module` (None when none is listed); "edgeq" itself, the
+    package's API, is nobody's prefix."""
     parts = module.split(".")
-    for end in range(len(parts), 0, -1):
+    for end in range(len(parts), 1, -1):
         if ".".join(parts[:end]) in table:
             return table[".".join(parts[:end])]
-    return None
+    return table.get(module)
 
 
 def _imports(path: Path, known: set[str]) -> list[tuple[int, str]]:
@@ -89,3 +91,4 @@ def test_the_scan_sees_function_level_imports(tmp_path):
     table = _layer_table()
     assert _owner("edgeq.quantize.int8", table) < _owner("edgeq.auto", table)
     assert _owner("edgeq.quantize.repair.smoothquant", table) < _owner("edgeq.quantize.qdq", table)
+    assert _owner("edgeq.unlisted", table) is None and _owner("edgeq", table) == len(LAYERS) - 1

@@ -19,6 +19,7 @@ from edgeq.quantize.repair import correct_bias
 from edgeq.quantize.subgraph_static import quantize_static_bodies
 from edgeq.quantize.subgraphs import merge, quantize_bodies, toposort
 from edgeq.quantize.summary import QuantSummary, summarize
+from edgeq.sqnr import sqnr_db
 
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_BITS = (8, 4)
@@ -203,12 +204,12 @@ def _choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Ob
 
 
 def output_sqnr(expected: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    """Mean over float outputs of 10·log10(Σ ref² / Σ (ref − q)²), in dB (capped at 200 for exact outputs)."""
+    """Mean over float outputs of their SQNR, 10·log10(Σ ref² / Σ (ref − q)²) in dB (`edgeq.sqnr`)."""
     values = []
     for k in range(len(expected[0])):
         if expected[0][k].dtype.kind != "f":
             continue
         signal = sum(float(np.sum(np.square(e[k], dtype=np.float64))) for e in expected)
         noise = sum(float(np.sum(np.square(e[k].astype(np.float64) - g[k]))) for e, g in zip(expected, got))
-        values.append(200.0 if noise == 0 else min(200.0, 10 * np.log10(max(signal, 1e-300) / noise)))
+        values.append(sqnr_db(signal, noise))
     return float(np.mean(values)) if values else 0.0
