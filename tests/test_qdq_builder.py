@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeq
 from edgeq.analyze.sensitivity import eval_inputs, full_int8_fidelity, sensitivity
-from edgeq.quantize.qdq import INT4_OPSET, prepare_and_calibrate, prepare_and_calibrate_each, quantize_qdq
+from edgeq.quantize.prepare import INT4_OPSET
+from edgeq.quantize.qdq import prepare_and_calibrate, prepare_and_calibrate_each, quantize_qdq
 
 
 def _pool_reshape_model() -> onnx.ModelProto:

@@ -19,10 +19,8 @@ from edgeq.calibrate import check_method, float_tensors, observe, to_calibration
 from edgeq.data import Dataset
 from edgeq.model import Model
 from edgeq.quantize.config import COMPUTE_OP_TYPES, Int8Static
-from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare, upgrade_opset
+from edgeq.quantize.prepare import INT4_OPSET, PER_CHANNEL_OPSET, prepare, upgrade_opset
 from edgeq.quantize.subgraphs import toposort
-
-INT4_OPSET = 21  # int4 QuantizeLinear/DequantizeLinear are standard ONNX from opset 21
 
 # Ops whose output ONNX Runtime's QDQ quantizer gives the input's scale when that input is quantized (and which
 # quantize nothing otherwise), ops that always quantize their activation inputs and outputs, and activations it folds
