@@ -13,6 +13,7 @@ from edgeq.errors import ConfigError, DataError
 from edgeq.model import Model
 from edgeq.quantize.config import Int8Dynamic, Int8Static
 from edgeq.quantize.coverage import COVERAGES, annotate, choose_for
+from edgeq.quantize.detection_head import explain_head, protect_head
 from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare
 from edgeq.quantize.qdq import build_qdq, prepare_static, quantized_tensors, quiet_ort_logging
 from edgeq.quantize.repair import correct_bias
@@ -79,6 +80,7 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         raise ConfigError(f"static quantization takes weight_bits 8 or 4, not {config.weight_bits!r}", "use 8 (INT8) or 4 (W4A8)")
     quiet_ort_logging()
     prepared, notes = prepare_static(model, config)
+    config, head = protect_head(prepared.proto, config)  # a detector's box decoding and mixed outputs stay float
     per_channel = config.per_channel and prepared.opset >= PER_CHANNEL_OPSET
     if config.method != "auto":
         check_method(config.method, config.percentile)
@@ -120,6 +122,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     summary.warnings.extend(cal.warnings)
     if config.coverage == "measured":
         annotate(summary, coverage)
+    if head is not None:
+        explain_head(summary, head)
     return result, summary, cal
 
 
