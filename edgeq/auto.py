@@ -31,7 +31,6 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.analyze import analyze
-from edgeq.analyze._qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
 from edgeq.analyze.sensitivity import eval_inputs, fidelity, full_int8_fidelity, outputs_of
 from edgeq.data import Dataset, batches, open_data
 from edgeq.errors import ConfigError
@@ -39,9 +38,10 @@ from edgeq.executor import Executor, LocalPool
 from edgeq.model import Model, load, model_files
 from edgeq.progress import Step, step
 from edgeq.quantize.config import Int8Static
+from edgeq.quantize.qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
+from edgeq.sqnr import BROKEN_SQNR_DB
 
 METHODS = ("minmax", "percentile", "mse")
-BROKEN_SQNR_DB = 20.0   # a layer that alone drags the output SQNR under this is a first guess for float
 SAME_FUNCTION_RTOL = 1e-3   # the PyTorch model given for QAT must reproduce MODEL's outputs this closely
 
 

@@ -21,7 +21,7 @@ from edgeq.report.auto import pareto_front
 def planted():
     """Trained once per machine (seeded, so the same model every time) and kept in ~/.cache/edgeq."""
     pytest.importorskip("torch")
-    from edgeq.analyze.planted import cached_planted_model
+    from edgeq.testing.planted import cached_planted_model
 
     return cached_planted_model()
 

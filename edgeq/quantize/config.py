@@ -86,6 +86,9 @@ class Int8Static:
     # edgeq.qat and edgeq.analyze compose with (they choose float layers and measure latency themselves).
     coverage: str = "all"
     threads: int = 1
+    # "auto": a recognised detector head (edgeq.quantize.detection_head) keeps its box decoding and its outputs
+    # that mix coordinates with scores float; "off": the head is quantized like the rest of the graph.
+    detection_head: str = "auto"
 
     precision = "int8"
     mode = "static"

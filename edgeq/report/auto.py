@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import io
 
+from edgeq.sqnr import BROKEN_SQNR_DB
+
 COLOURS = {"meets": "#1a7f37", "misses": "#cf222e", "fp32": "#57606a", "front": "#0969da"}
 STATUS_COLOURS = {"met": "#1a7f37", "fp16": "#9a6700", "fp32": "#9a6700", "not-met": "#cf222e"}
 
@@ -61,7 +63,7 @@ def tradeoff_chart(candidates: list[dict], budget: float, metric: str) -> str:
     return _svg(fig)
 
 
-def sensitivity_chart(sensitivity: list[dict], broken_below: float = 20.0, top: int = 40) -> str:
+def sensitivity_chart(sensitivity: list[dict], broken_below: float = BROKEN_SQNR_DB, top: int = 40) -> str:
     """Horizontal bars: output SQNR with only this layer INT8 (short bar = sensitive) and with only it float."""
     from edgeq.report import pyplot
 
