@@ -145,8 +145,12 @@ class _Search:
         return out
 
     def meeting(self) -> list[dict]:
-        """Candidates other than FP32 that meet the budget."""
-        return [r for r in self.records.values() if r["meets"] and r["kind"] != "fp32"]
+        """Quantized candidates (INT8, mixed, QAT) that meet the budget."""
+        return [r for r in self.records.values() if r["meets"] and r["kind"] in ("int8", "qat")]
+
+    def within_budget(self) -> list[dict]:
+        """Every candidate that meets the budget, FP32 and FP16 included."""
+        return [r for r in self.records.values() if r["meets"]]
 
 
 def _perfect(record: dict) -> dict:
@@ -159,6 +163,18 @@ def _perfect(record: dict) -> dict:
     ones = [1.0] * len(record["per_sample"][info.samples])
     return {**record, "value": info.scale, "ci95": [info.scale, info.scale], "model": "fp32 (reference)", "worst": None,
             "predictions": None, "per_sample": {**record["per_sample"], info.samples: ones}}
+
+
+def metric_note(base: dict, budget: float, labelled: bool) -> str | None:
+    """What the budget means when the metric is fidelity to the FP32 model (no labels); None with labels."""
+    if labelled:
+        return None
+    where = f" (output {base['output']})" if base.get("output") else ""
+    if base["metric"] == "cosine":
+        return (f"Metric: no labels, so fidelity to the FP32 model: cosine of each candidate's outputs to FP32's{where}; "
+                f"a budget of {budget:g} points is {budget / 100:g} of cosine: a candidate meets it at ≥ {1 - budget / 100:g}")
+    return (f"Metric: no labels, so top-1 agreement with the FP32 model{where}: a budget of {budget:g} points "
+            f"lets {budget:g}% of the validation samples change their top class")
 
 
 def fidelity_reference(source: Model, labels: np.ndarray | None) -> bool:
@@ -229,6 +245,7 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
     search = _Search(folder, executor, arrays, labels, budget, rule, reference)
     steps: list[dict] = []
     try:
+        _float_candidates(search, source, say)
         preps, best, feed = _calibrate(search, source, calib, config, methods, select, steps, say)
         prep = preps[best["method"]]
         say(f"best calibration: {best['method']} (drop {best['drop']:+.2f}); analysing layers")
@@ -242,11 +259,9 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
             _refine(search, preps, _refine_target(search), calib, feed, config, steps, say)
         if not search.meeting() and qat_inputs is not None:
             _qat_step(search, qat_inputs, dataclasses.replace(config, method=best["method"]), source, steps, say)
-        if not search.meeting():
-            _fp16_step(search, source, say)
         _measure(search, n_layers, threads, bench_runs, bench_batch, say)
-        meeting = search.meeting()
-        chosen = _choose([search.records["fp32"], *meeting]) if meeting else search.records["fp32"]
+        meeting = search.within_budget()
+        chosen = _choose(meeting)
         notes = [s["result"] for s in steps if "result" in s]
         hint = None if qat_inputs is not None else _qat_command(source, val_spec, config, output)
         verdict = _verdict(chosen, meeting, search, budget, n_layers, analysis, best, notes, hint)
@@ -266,6 +281,7 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
 
     report = {
         "title": f"edgeq auto: {source.name}", "budget": budget, "metric": search.base["metric"],
+        "metric_note": metric_note(search.base, budget, labelled=labels is not None),
         "verdict": verdict, "chosen": chosen["name"], "evaluations": search.evaluations,
         "evaluations_note": f"{search.evaluations} validation runs (FP32 included) on {search.base['samples']} samples; "
                             f"sensitivity: {2 * len(analysis.sensitivity)} quantize-and-run passes on {min(128, prep.samples)} calibration samples",
@@ -306,18 +322,16 @@ def _calibrate(search: _Search, source: Model, calib: Dataset, config: Int8Stati
     preps = prepare_and_calibrate_each(source, calib, config, methods)
     feed = eval_inputs(next(iter(preps.values())), calib)
     scores = {m: full_int8_fidelity(p, feed) for m, p in preps.items()}
-    fp32 = ("fp32", source.proto, {"kind": "fp32", "float_layers": [], "method": None})
-
     def int8(m: str) -> tuple:
         return f"int8-{m}", quantize_qdq(preps[m]), {"kind": "int8", "float_layers": [], "method": m}
 
     if select == "validation":   # one validation run per method: the most accurate, at the price of evaluations
-        full = search.evaluate([fp32] + [int8(m) for m in methods])[1:]
+        full = search.evaluate([int8(m) for m in methods])
         best = min(full, key=lambda r: (r["drop"], methods.index(r["method"])))
         why = "lowest validation drop: " + ", ".join(f"{r['method']} {r['drop']:+.2f}" for r in full)
     else:                        # fidelity on calibration samples: no validation run spent on the choice
         method = max(methods, key=lambda m: (scores[m].sqnr_db, -methods.index(m)))
-        full = search.evaluate([fp32, int8(method)])[1:]
+        full = search.evaluate([int8(method)])
         best = full[0]
         why = "highest output SQNR vs FP32 on calibration samples: " + ", ".join(f"{m} {scores[m].sqnr_db:.1f} dB" for m in methods)
     steps.append({"step": "calibration", "evaluated": [r["name"] for r in full], "best": best["name"], "why": why,
@@ -437,12 +451,14 @@ def _recipe_label(method: str, cle: bool, bc: bool) -> str:
     return " + ".join([method] + _recipe_repairs(cle, bc))
 
 
-def _fp16_step(search: _Search, source: Model, say) -> None:
+def _float_candidates(search: _Search, source: Model, say) -> None:
+    """FP32 (the baseline) and FP16, evaluated before any calibration: both are candidates like the others."""
     from edgeq.quantize import quantize
     from edgeq.quantize.config import Fp16
 
-    say("no INT8 candidate meets the budget: evaluating FP16")
-    search.evaluate([("fp16", quantize(source, Fp16()).proto, {"kind": "fp16", "float_layers": [], "method": None})])
+    say("evaluating FP32 and FP16")
+    search.evaluate([("fp32", source.proto, {"kind": "fp32", "float_layers": [], "method": None}),
+                     ("fp16", quantize(source, Fp16()).proto, {"kind": "fp16", "float_layers": [], "method": None})])
 
 
 def _load_qat(qat: QatSource, source: Model) -> _QatInputs:
@@ -579,15 +595,9 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
     model (or the recommendation when none meets)."""
     reasons = [f"full INT8 with the best calibration ({best['method']}) drops {best['drop']:+.2f} points"
                + (": within the budget" if best["meets"] else ": over the budget"), *notes]
+    fp32, fp16 = search.records["fp32"], search.records.get("fp16")
     quantized = [r for r in meeting if r["kind"] in ("int8", "qat")]
-    if quantized and chosen["kind"] == "fp32":
-        status = "fp32"
-        fastest = min(quantized, key=lambda r: r["p50_ms"])
-        summary = (f"nothing beats FP32: the fastest candidate within the budget, {fastest['name']} (drop {fastest['drop']:+.2f}), "
-                   f"runs at {chosen['p50_ms'] / fastest['p50_ms']:.2f}× FP32's speed ({fastest['p50_ms']:.2f} ms vs "
-                   f"{chosen['p50_ms']:.2f} ms p50); FP32 is the chosen model")
-        reasons += _speed_reasons(chosen, [chosen, *meeting], search)[:-1]
-    elif chosen["kind"] in ("int8", "qat"):
+    if chosen["kind"] in ("int8", "qat"):
         status = "met"
         how = f"{n_layers - len(chosen['float_layers'])} of {n_layers} layers INT8" if chosen["kind"] == "int8" else \
             f"all {n_layers} layers INT8 after quantization-aware training"
@@ -595,26 +605,46 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
                    f"{chosen['p50_ms']:.2f} ms p50, {chosen['size_mb']:.2f} MB")
         reasons += [_float_reason(name, analysis) for name in chosen["float_layers"]]
         reasons += _speed_reasons(chosen, meeting, search)
+    elif chosen["kind"] == "fp16":
+        status = "fp16"
+        summary = (f"fp16 is the fastest model within the budget: drop {chosen['drop']:+.2f} points, "
+                   f"{_speed(chosen, fp32)}× FP32's speed, {chosen['size_mb']:.2f} MB")
+        if quantized:
+            q = min(quantized, key=lambda r: r["p50_ms"])
+            summary += f"; {q['name']} meets the budget at {_speed(q, fp32)}× FP32's speed"
+        else:
+            summary = f"no INT8 or mixed-precision model meets the budget of {budget:g} points; " + summary
+            reasons += [qat_hint] if qat_hint else []
+        reasons += _speed_reasons(chosen, meeting, search)
+    elif quantized:
+        status = "fp32"
+        q = min(quantized, key=lambda r: r["p50_ms"])
+        summary = (f"nothing beats FP32: the fastest quantized candidate within the budget, {q['name']}, runs at "
+                   f"{_speed(q, fp32)}× FP32's speed ({q['p50_ms']:.2f} vs {fp32['p50_ms']:.2f} ms p50); FP32 is the chosen model")
+        reasons += _speed_reasons(chosen, meeting, search)[:-1]
     else:
-        status = "not-met"
-        summary = f"no INT8{', QAT' if 'qat' in search.records else ''} or mixed-precision model meets the budget of {budget:g} points"
+        status = "fp32" if fp16 is not None and fp16["meets"] else "not-met"
+        summary = (f"no INT8{', QAT' if 'qat' in search.records else ''} or mixed-precision model meets the budget of "
+                   f"{budget:g} points; nothing beats FP32")
+        others = [r for r in search.records.values() if r["kind"] != "fp32" and r.get("p50_ms")]
+        if others:
+            q = min(others, key=lambda r: r["p50_ms"])
+            summary += (f" (the fastest candidate, {q['name']}, runs at {_speed(q, fp32)}× FP32's speed and "
+                        f"{'meets' if q['meets'] else 'misses'} the budget: drop {q['drop']:+.2f}); FP32 is the chosen model")
         if qat_hint:
             reasons.append(qat_hint)
-        fp16 = search.records.get("fp16")
-        if fp16 is not None:
-            reasons.append(f"or FP16: drop {fp16['drop']:+.2f} points, {fp16['size_mb']:.2f} MB "
-                           f"({'meets' if fp16['meets'] else 'misses'} the budget; on CPUs without FP16 arithmetic it is not faster)")
-            if fp16["meets"] and chosen is fp16:
-                status, summary = "fp16", summary + "; FP16 does, and is the chosen model"
-            elif fp16["meets"]:
-                status = "fp32"
-                summary += (f"; FP16 does but runs at {chosen['p50_ms'] / fp16['p50_ms']:.2f}× FP32's speed: nothing beats FP32, "
-                            "the chosen model")
+    if fp16 is not None:
+        reasons.append(f"FP16: drop {fp16['drop']:+.2f} points, {fp16['size_mb']:.2f} MB, {_speed(fp16, fp32)}× FP32's speed "
+                       f"({'meets' if fp16['meets'] else 'misses'} the budget; on CPUs without FP16 arithmetic it is not faster)")
     broken = broken_layers(analysis)
     if broken:
         reasons.insert(1, "layers that break INT8: " + "; ".join(f"{n} ({why})" for n, why in broken.items()))
     reasons.append(f"{search.evaluations} evaluations on the validation set (FP32 included)")
     return {"status": status, "summary": summary, "reasons": reasons, "broken_layers": list(broken)}
+
+
+def _speed(candidate: dict, fp32: dict) -> str:
+    return f"{fp32['p50_ms'] / candidate['p50_ms']:.2f}"
 
 
 def _float_reason(name: str, analysis) -> str:

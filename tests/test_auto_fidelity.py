@@ -2,6 +2,7 @@
 others, and the fastest candidate within the budget wins (issue 19, points 2 and 3)."""
 from __future__ import annotations
 
+import importlib
 import json
 from types import SimpleNamespace
 
@@ -10,14 +11,14 @@ import pytest
 
 import edgeq
 import edgeq.cli
-from edgeq import auto as auto_mod
+auto_mod = importlib.import_module("edgeq.auto")   # edgeq.auto the attribute is the function
 
 
 @pytest.fixture(scope="module")
 def unlabelled(tmp_path_factory):
     """The digits model of tests/test_auto.py, with validation inputs and no labels."""
     pytest.importorskip("torch")
-    from edgeq.analyze.planted import cached_planted_model
+    from edgeq.testing.planted import cached_planted_model
 
     planted = cached_planted_model()
     folder = tmp_path_factory.mktemp("unlabelled")

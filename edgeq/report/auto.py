@@ -133,6 +133,7 @@ tr.unsupported td{{color:#cf222e}}tr.float td{{color:#9a6700}}figure{{margin:1.2
 <h1>{esc(report['title'])}</h1>
 <p class="verdict" id="verdict">{esc(v['summary'])}</p>
 <ul id="reasons">{reasons}</ul>
+{f'<p id="metric-note">{esc(report["metric_note"])}</p>' if report.get("metric_note") else ""}
 <p id="evaluations">Evaluations: <b>{report['evaluations']}</b> — {esc(report.get('evaluations_note', ''))}</p>
 <h2>Candidates</h2>
 <figure id="tradeoff">{chart}</figure>
