@@ -80,6 +80,9 @@ class Int8Static:
     bias_correction: bool = False         # shift Conv/Gemm and MatMul+Add biases by their mean output error on calibration data
     equalize: bool = False                # cross-layer equalization of consecutive Conv/Gemm layers (depthwise too)
     smoothquant: float | str | None = None  # alpha (e.g. 0.5) for MatMul/Gemm activation outliers, or "auto" per layer
+    # "adaround": learned rounding of Conv/Gemm/MatMul weights on calibration data (edgeq.quantize.repair.adaround;
+    # measured in bench/rounding.py), on the quantizer's grid; "nearest": round to nearest.
+    rounding: str = "nearest"
     # "measured": nodes whose int8 kernel plus Q/DQ glue measures slower than the float kernel on this machine, at
     # `threads` intra-op threads, stay float, and the summary gives the measured speed-up (edgeq.quantize.coverage;
     # the default of `edgeq quantize`); "all": every node of `op_types` is quantized, the placement that edgeq.auto,

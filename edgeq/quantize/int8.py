@@ -17,6 +17,7 @@ from edgeq.quantize.detection_head import explain_head, protect_head
 from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare
 from edgeq.quantize.qdq import build_qdq, prepare_static, quantized_tensors, quiet_ort_logging
 from edgeq.quantize.repair import correct_bias
+from edgeq.quantize.repair.adaround import ROUNDINGS, adaround, describe
 from edgeq.quantize.subgraph_static import quantize_static_bodies
 from edgeq.quantize.subgraphs import merge, quantize_bodies, toposort
 from edgeq.quantize.summary import QuantSummary, summarize
@@ -78,6 +79,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         raise ConfigError(f"unknown coverage {config.coverage!r}", f"use one of: {', '.join(COVERAGES)}")
     if config.weight_bits not in WEIGHT_BITS:
         raise ConfigError(f"static quantization takes weight_bits 8 or 4, not {config.weight_bits!r}", "use 8 (INT8) or 4 (W4A8)")
+    if config.rounding not in ROUNDINGS:
+        raise ConfigError(f"unknown rounding {config.rounding!r}", f"use one of: {', '.join(ROUNDINGS)}")
     quiet_ort_logging()
     prepared, notes = prepare_static(model, config)
     config, head = protect_head(prepared.proto, config)  # a detector's box decoding and mixed outputs stay float
@@ -104,6 +107,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     result = qdq(cal.ranges)
     if config.coverage == "measured":  # which nodes stay float for speed, by measured kernel time (quantize/coverage.py)
         result, coverage = choose_for(prepared, calib, config, lambda float_nodes: qdq(cal.ranges, float_nodes))
+    if config.rounding == "adaround":
+        repairs["adaround"] = adaround(prepared, result, calib, batch_size=config.batch_size, max_samples=min(config.max_samples or 512, 512))
     if config.bias_correction:
         repairs["bias_correction"] = correct_bias(prepared, result, calib, batch_size=config.batch_size,
                                                   max_samples=min(config.max_samples or 512, 512))
@@ -180,6 +185,8 @@ def _repair_notes(repairs: dict) -> list[str]:
         notes.append(f"SmoothQuant ({how}) moved activation outliers into the weights of {sq['activations']} MatMul/Gemm inputs")
     if "weight_range" in repairs:
         notes.append(f"weight range setting (mse) clipped {repairs['weight_range']['weights_clipped']} weights to their error-minimising range")
+    if "adaround" in repairs:
+        notes.append(describe(repairs["adaround"]))
     if "bias_correction" in repairs:
         notes.append(f"bias correction shifted the biases of {repairs['bias_correction']} layers by their mean output error on calibration data")
     return notes
