@@ -27,7 +27,7 @@ test: venv
 
 # A PNG of an `edgeq auto` report (planted-outlier digits CNN) for the README; installs chromium when missing (root + apt).
 report-shot: venv
-	$(PY) -m edgeq.report.shot -o docs/auto-report.png --workdir report-shot-out
+	$(PY) -m edgeq.testing.shot -o docs/auto-report.png --workdir report-shot-out
 
 clean:
 	rm -rf $(VENV) demo-out report-shot-out

@@ -1,6 +1,6 @@
 """edgeq `auto` next to NNCF's `quantize_with_accuracy_control` on the same model, data and budget.
 
-Model: the planted-outlier residual digits CNN (edgeq/analyze/planted.py: a stem conv, ten residual blocks of two
+Model: the planted-outlier residual digits CNN (edgeq/testing/planted.py: a stem conv, ten residual blocks of two
 32-channel convolutions, two Linear layers, 23 quantizable layers; outliers planted function-preservingly into two
 of them), trained once per machine and cached like the tests' copy. Budget: 1 point of top-1. Both tools get the
 same calibration set (512 training images) and validation set (718 held-out images).
@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import markdown_table  # noqa: E402
-from edgeq.analyze.planted import TRAIN_EPOCHS, cached_planted_model  # noqa: E402
+from edgeq.testing.planted import TRAIN_EPOCHS, cached_planted_model  # noqa: E402
 
 
 INT8_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul")

@@ -189,7 +189,7 @@ def digits_part(work: Path, sizes: list[int]) -> str:
 def ocr_part(work: Path, sizes: list[int]) -> str:
     """PP-OCRv4 det (a real model: where methods differ): rendered text pages, probability map vs FP32."""
     import edgeq
-    from edgeq import zoo
+    from edgeq.testing import zoo
     from edgeq.evaluate import validate
 
     fp32 = work / "ppocr_det.onnx"

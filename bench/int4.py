@@ -1,7 +1,7 @@
 """INT4 weight-only: edgeq (RTN, GPTQ, AWQ, mixed INT4/INT8) vs ONNX Runtime's MatMulNBitsQuantizer (RTN, GPTQ, HQQ), in one run.
 
-Models: the docstring LM that edgeq.lm trains (cached under --cache, keyed by its config) and all-MiniLM-L6-v2
-(exported by edgeq.zoo). Per variant: perplexity on every held-out window with its 95% interval and the paired
+Models: the docstring LM that edgeq.testing.lm trains (cached under --cache, keyed by its config) and all-MiniLM-L6-v2
+(exported by edgeq.testing.zoo). Per variant: perplexity on every held-out window with its 95% interval and the paired
 relative increase over FP32 (LM) or sentence-embedding cosine to FP32 (MiniLM), file size, p50 latency at 1 and
 2 threads (all models' ONNX Runtime sessions in one process, timed round-robin so that load drift on a shared machine
 hits every model alike; LM: one window of 128 tokens (prefill) and 1 token, MiniLM: 1 × 128 tokens), quantization
@@ -112,7 +112,7 @@ def child_latency(threads: str, runs: str, feeds: str, *paths: str) -> None:
 
 def lm_case(work: Path, cache: Path, steps: int | None) -> dict:
     import edgeq
-    from edgeq import lm
+    from edgeq.testing import lm
 
     config = lm.LMConfig() if steps is None else lm.LMConfig(steps=steps)
     paths = lm.build_lm(cache, config, log=lambda m: print(f"  lm: {m}", file=sys.stderr))
@@ -126,7 +126,7 @@ def lm_case(work: Path, cache: Path, steps: int | None) -> dict:
 
 def minilm_case(work: Path) -> dict:
     import edgeq
-    from edgeq import zoo
+    from edgeq.testing import zoo
 
     fp32 = zoo.export_minilm(work / "minilm.onnx")
     sentences = zoo.sample_sentences(384, seed=3)
@@ -243,7 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgeq", help="where the trained LM is cached")
-    parser.add_argument("--steps", type=int, default=None, help="LM training steps (default: edgeq.lm.LMConfig's)")
+    parser.add_argument("--steps", type=int, default=None, help="LM training steps (default: edgeq.testing.lm.LMConfig's)")
     parser.add_argument("--models", default="lm,minilm")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """edgeq INT8 static vs ONNX Runtime's own quantize_static (MinMax) and quantize_dynamic, in one run.
 
 Models: the demo's digits CNN (trained here, seeded) and PP-OCRv4 text detection (shipped by rapidocr-onnxruntime),
-fed with text images rendered by edgeq.zoo. Per variant: quality (top-1, or probability-map agreement with FP32),
+fed with text images rendered by edgeq.testing.zoo. Per variant: quality (top-1, or probability-map agreement with FP32),
 file size, p50 latency at 1 and 2 threads (edgeq.bench: one process per model), quantization wall time and peak
 memory (each quantization runs in its own process).
 
@@ -72,7 +72,7 @@ def digits_case(work: Path) -> dict:
 
 def ocr_case(work: Path) -> dict:
     import edgeq
-    from edgeq import zoo
+    from edgeq.testing import zoo
 
     fp32 = work / "ppocr_det_fp32.onnx"
     fp32.write_bytes(zoo.ppocr_det_path().read_bytes())

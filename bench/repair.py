@@ -139,8 +139,8 @@ def outlier_check(work: Path) -> str:
 
 def minilm_table(work: Path, calib_n: int = 64, val_n: int = 128) -> str:
     import edgeq
-    from edgeq import zoo
-    from edgeq.bench import median_ms
+    from edgeq.testing import zoo
+    from edgeq.timing import median_ms
 
     path = zoo.export_minilm(work / "minilm.onnx")
     sentences = zoo.sample_sentences(calib_n + val_n, seed=0)

@@ -10,7 +10,9 @@ and of candidates with the same layers in float (the same kernels) the more accu
 model meets the budget, quantization-aware training runs if the PyTorch model was given (`qat=QatSource(...)`), and
 FP16 is evaluated if nothing meets after that; otherwise the verdict gives the QAT command to run. Every candidate is
 evaluated through an executor (a local process pool by default); every candidate's latency is measured and the
-fastest one that meets the budget wins.
+fastest one that meets the budget wins, FP32 and FP16 included (both are evaluated first, before calibration): when
+nothing beats FP32 the verdict says so and FP32 is the model written. Validation data without labels makes the metric
+fidelity to the FP32 model (top-1 agreement, or cosine), stated in the report's `metric_note`.
 
 >>> result = edgeq.auto("model.onnx", calib="calib.npz", val="val.npz", budget=1.0, output="auto-out")   # doctest: +SKIP
 >>> result["verdict"]["status"], result["evaluations"]                                                  # doctest: +SKIP
@@ -29,7 +31,6 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.analyze import analyze
-from edgeq.analyze._qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
 from edgeq.analyze.sensitivity import eval_inputs, fidelity, full_int8_fidelity, outputs_of
 from edgeq.data import Dataset, batches, open_data
 from edgeq.errors import ConfigError
@@ -37,9 +38,10 @@ from edgeq.executor import Executor, LocalPool
 from edgeq.model import Model, load, model_files
 from edgeq.progress import Step, step
 from edgeq.quantize.config import Int8Static
+from edgeq.quantize.qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
+from edgeq.sqnr import BROKEN_SQNR_DB
 
 METHODS = ("minmax", "percentile", "mse")
-BROKEN_SQNR_DB = 20.0   # a layer that alone drags the output SQNR under this is a first guess for float
 SAME_FUNCTION_RTOL = 1e-3   # the PyTorch model given for QAT must reproduce MODEL's outputs this closely
 
 
@@ -82,6 +84,7 @@ class EvalTask:
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None
     batch_size: int = 64
+    reference: str | None = None   # without labels: the FP32 model, fidelity to it is the metric
 
 
 def evaluate_task(task: EvalTask) -> dict:
@@ -89,7 +92,7 @@ def evaluate_task(task: EvalTask) -> dict:
     from edgeq.evaluate import validate
 
     data = Dataset.from_arrays(task.arrays, labels=task.labels, description="validation")
-    record = validate(task.model_path, data, batch_size=task.batch_size).to_dict()
+    record = validate(task.model_path, data, reference=task.reference, batch_size=task.batch_size).to_dict()
     record.pop("predictions", None)
     return record
 
@@ -109,9 +112,9 @@ def materialize(data: Dataset, model: Model) -> tuple[dict[str, np.ndarray], np.
 class _Search:
     """Saves, evaluates and records candidates; counts evaluations."""
 
-    def __init__(self, folder, executor: Executor, arrays, labels, budget: float, rule) -> None:
+    def __init__(self, folder, executor: Executor, arrays, labels, budget: float, rule, reference: str | None = None) -> None:
         self.folder, self.executor, self.arrays, self.labels = folder, executor, arrays, labels
-        self.budget, self.rule = budget, rule
+        self.budget, self.rule, self.reference = budget, rule, reference
         self.records: dict[str, dict] = {}
         self.base: dict | None = None
         self.evaluations = 0
@@ -123,7 +126,7 @@ class _Search:
         tasks = []
         for name, proto, _ in candidates:
             path = save(proto, self.folder.path(f"candidates/{name}.onnx"), force=True)
-            tasks.append(EvalTask(name, str(path), self.arrays, self.labels))
+            tasks.append(EvalTask(name, str(path), self.arrays, self.labels, reference=self.reference))
         with step(f"validating {', '.join(t.name for t in tasks)}"[:80]):
             results = self.executor.map(evaluate_task, tasks)
         self.evaluations += len(tasks)
@@ -135,15 +138,51 @@ class _Search:
                 self.base = result
                 record.update(drop=0.0, drop_ci95=[0.0, 0.0], meets=True)
             else:
-                c = compare(self.base, result, self.rule).to_dict()
+                c = compare(self.base if self.reference is None else _perfect(result), result, self.rule).to_dict()
                 record.update(drop=c["drop"], drop_ci95=c["drop_ci95"], meets=bool(c["drop"] <= self.budget), comparison_reasons=c["reasons"])
             self.records[name] = record
             out.append(record)
         return out
 
     def meeting(self) -> list[dict]:
-        """Candidates other than FP32 that meet the budget."""
-        return [r for r in self.records.values() if r["meets"] and r["kind"] != "fp32"]
+        """Quantized candidates (INT8, mixed, QAT) that meet the budget."""
+        return [r for r in self.records.values() if r["meets"] and r["kind"] in ("int8", "qat")]
+
+    def within_budget(self) -> list[dict]:
+        """Every candidate that meets the budget, FP32 and FP16 included."""
+        return [r for r in self.records.values() if r["meets"]]
+
+
+def _perfect(record: dict) -> dict:
+    """FP32's fidelity to itself, on the candidate's metric and samples: 100% agreement, cosine 1. Each candidate's
+    drop is paired against it, so it is the points the candidate loses to FP32 even when the worst output (and so
+    the metric) differs between candidates of a multi-output model."""
+    from edgeq.evaluate.metrics import METRICS
+
+    info = METRICS[record["metric"]]
+    ones = [1.0] * len(record["per_sample"][info.samples])
+    return {**record, "value": info.scale, "ci95": [info.scale, info.scale], "model": "fp32 (reference)", "worst": None,
+            "predictions": None, "per_sample": {**record["per_sample"], info.samples: ones}}
+
+
+def metric_note(base: dict, budget: float, labelled: bool) -> str | None:
+    """What the budget means when the metric is fidelity to the FP32 model (no labels); None with labels."""
+    if labelled:
+        return None
+    where = f" (output {base['output']})" if base.get("output") else ""
+    if base["metric"] == "cosine":
+        return (f"Metric: no labels, so fidelity to the FP32 model: cosine of each candidate's outputs to FP32's{where}; "
+                f"a budget of {budget:g} points is {budget / 100:g} of cosine: a candidate meets it at ≥ {1 - budget / 100:g}")
+    return (f"Metric: no labels, so top-1 agreement with the FP32 model{where}: a budget of {budget:g} points "
+            f"lets {budget:g}% of the validation samples change their top class")
+
+
+def fidelity_reference(source: Model, labels: np.ndarray | None) -> bool:
+    """Whether auto measures fidelity to the FP32 model: the validation data has no labels and the model is no causal
+    language model (those are scored by perplexity without labels)."""
+    from edgeq.evaluate.tasks.lm import causal_lm_input
+
+    return labels is None and causal_lm_input(source) is None
 
 
 def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | str | Path, budget: float = 1.0,
@@ -151,7 +190,13 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
          config: Int8Static | None = None, methods: tuple[str, ...] = METHODS, force: bool = False,
          bench_runs: int = 20, bench_batch: int = 64, threads: int = 1, select: str = "fidelity",
          max_float_layers: int | None = None, refine: bool = True, qat: QatSource | None = None, console: Any = None) -> dict:
-    """Meet `budget` (points of the validation metric, e.g. top-1 %) with the fastest model; write OUTDIR.
+    """Meet `budget` (points of the validation metric: top-1 % with labels, fidelity to MODEL without) with the
+    fastest model, FP32 and FP16 included; write OUTDIR.
+
+    Validation data without labels is scored by fidelity to MODEL itself (the natural reference), as `validate
+    --reference` does: the worst output's top-1 agreement (%), or its cosine for embeddings and other tensors; the
+    budget is then in points of it: percentage points of agreement, or 0.01 of cosine (budget 1: cosine >= 0.99).
+    FP32 is a candidate like the others: when no candidate within the budget is faster, FP32 is chosen and written.
 
     `max_float_layers` caps the layers the search may return to float (0: a fully INT8 model or nothing);
     `refine` False skips the recipe refinement (one evaluation less); `qat` lets QAT run when nothing else meets."""
@@ -191,9 +236,16 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
     own_executor = executor is None
     executor = executor or LocalPool(2)
     rule = DecisionRule(ship_below=max(budget, 1e-9), qat_up_to=max(budget, 3.0))
-    search = _Search(folder, executor, arrays, labels, budget, rule)
+    reference = None
+    if fidelity_reference(source, labels):   # decided before any calibration: no labels, FP32 is the reference
+        from edgeq.model import save
+
+        reference = str(save(source.proto, folder.path("candidates/fp32.onnx"), force=True))
+        say("the validation data has no labels: measuring fidelity to the FP32 model (budget in points of it)")
+    search = _Search(folder, executor, arrays, labels, budget, rule, reference)
     steps: list[dict] = []
     try:
+        _float_candidates(search, source, say)
         preps, best, feed = _calibrate(search, source, calib, config, methods, select, steps, say)
         prep = preps[best["method"]]
         say(f"best calibration: {best['method']} (drop {best['drop']:+.2f}); analysing layers")
@@ -207,11 +259,9 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
             _refine(search, preps, _refine_target(search), calib, feed, config, steps, say)
         if not search.meeting() and qat_inputs is not None:
             _qat_step(search, qat_inputs, dataclasses.replace(config, method=best["method"]), source, steps, say)
-        if not search.meeting():
-            _fp16_step(search, source, say)
         _measure(search, n_layers, threads, bench_runs, bench_batch, say)
-        meeting = search.meeting()
-        chosen = _choose(meeting) if meeting else search.records["fp32"]
+        meeting = search.within_budget()
+        chosen = _choose(meeting)
         notes = [s["result"] for s in steps if "result" in s]
         hint = None if qat_inputs is not None else _qat_command(source, val_spec, config, output)
         verdict = _verdict(chosen, meeting, search, budget, n_layers, analysis, best, notes, hint)
@@ -231,6 +281,7 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
 
     report = {
         "title": f"edgeq auto: {source.name}", "budget": budget, "metric": search.base["metric"],
+        "metric_note": metric_note(search.base, budget, labelled=labels is not None),
         "verdict": verdict, "chosen": chosen["name"], "evaluations": search.evaluations,
         "evaluations_note": f"{search.evaluations} validation runs (FP32 included) on {search.base['samples']} samples; "
                             f"sensitivity: {2 * len(analysis.sensitivity)} quantize-and-run passes on {min(128, prep.samples)} calibration samples",
@@ -271,18 +322,16 @@ def _calibrate(search: _Search, source: Model, calib: Dataset, config: Int8Stati
     preps = prepare_and_calibrate_each(source, calib, config, methods)
     feed = eval_inputs(next(iter(preps.values())), calib)
     scores = {m: full_int8_fidelity(p, feed) for m, p in preps.items()}
-    fp32 = ("fp32", source.proto, {"kind": "fp32", "float_layers": [], "method": None})
-
     def int8(m: str) -> tuple:
         return f"int8-{m}", quantize_qdq(preps[m]), {"kind": "int8", "float_layers": [], "method": m}
 
     if select == "validation":   # one validation run per method: the most accurate, at the price of evaluations
-        full = search.evaluate([fp32] + [int8(m) for m in methods])[1:]
+        full = search.evaluate([int8(m) for m in methods])
         best = min(full, key=lambda r: (r["drop"], methods.index(r["method"])))
         why = "lowest validation drop: " + ", ".join(f"{r['method']} {r['drop']:+.2f}" for r in full)
     else:                        # fidelity on calibration samples: no validation run spent on the choice
         method = max(methods, key=lambda m: (scores[m].sqnr_db, -methods.index(m)))
-        full = search.evaluate([fp32, int8(method)])[1:]
+        full = search.evaluate([int8(method)])
         best = full[0]
         why = "highest output SQNR vs FP32 on calibration samples: " + ", ".join(f"{m} {scores[m].sqnr_db:.1f} dB" for m in methods)
     steps.append({"step": "calibration", "evaluated": [r["name"] for r in full], "best": best["name"], "why": why,
@@ -402,12 +451,14 @@ def _recipe_label(method: str, cle: bool, bc: bool) -> str:
     return " + ".join([method] + _recipe_repairs(cle, bc))
 
 
-def _fp16_step(search: _Search, source: Model, say) -> None:
+def _float_candidates(search: _Search, source: Model, say) -> None:
+    """FP32 (the baseline) and FP16, evaluated before any calibration: both are candidates like the others."""
     from edgeq.quantize import quantize
     from edgeq.quantize.config import Fp16
 
-    say("no INT8 candidate meets the budget: evaluating FP16")
-    search.evaluate([("fp16", quantize(source, Fp16()).proto, {"kind": "fp16", "float_layers": [], "method": None})])
+    say("evaluating FP32 and FP16")
+    search.evaluate([("fp32", source.proto, {"kind": "fp32", "float_layers": [], "method": None}),
+                     ("fp16", quantize(source, Fp16()).proto, {"kind": "fp16", "float_layers": [], "method": None})])
 
 
 def _load_qat(qat: QatSource, source: Model) -> _QatInputs:
@@ -544,6 +595,8 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
     model (or the recommendation when none meets)."""
     reasons = [f"full INT8 with the best calibration ({best['method']}) drops {best['drop']:+.2f} points"
                + (": within the budget" if best["meets"] else ": over the budget"), *notes]
+    fp32, fp16 = search.records["fp32"], search.records.get("fp16")
+    quantized = [r for r in meeting if r["kind"] in ("int8", "qat")]
     if chosen["kind"] in ("int8", "qat"):
         status = "met"
         how = f"{n_layers - len(chosen['float_layers'])} of {n_layers} layers INT8" if chosen["kind"] == "int8" else \
@@ -552,22 +605,46 @@ def _verdict(chosen: dict, meeting: list[dict], search: _Search, budget: float, 
                    f"{chosen['p50_ms']:.2f} ms p50, {chosen['size_mb']:.2f} MB")
         reasons += [_float_reason(name, analysis) for name in chosen["float_layers"]]
         reasons += _speed_reasons(chosen, meeting, search)
+    elif chosen["kind"] == "fp16":
+        status = "fp16"
+        summary = (f"fp16 is the fastest model within the budget: drop {chosen['drop']:+.2f} points, "
+                   f"{_speed(chosen, fp32)}× FP32's speed, {chosen['size_mb']:.2f} MB")
+        if quantized:
+            q = min(quantized, key=lambda r: r["p50_ms"])
+            summary += f"; {q['name']} meets the budget at {_speed(q, fp32)}× FP32's speed"
+        else:
+            summary = f"no INT8 or mixed-precision model meets the budget of {budget:g} points; " + summary
+            reasons += [qat_hint] if qat_hint else []
+        reasons += _speed_reasons(chosen, meeting, search)
+    elif quantized:
+        status = "fp32"
+        q = min(quantized, key=lambda r: r["p50_ms"])
+        summary = (f"nothing beats FP32: the fastest quantized candidate within the budget, {q['name']}, runs at "
+                   f"{_speed(q, fp32)}× FP32's speed ({q['p50_ms']:.2f} vs {fp32['p50_ms']:.2f} ms p50); FP32 is the chosen model")
+        reasons += _speed_reasons(chosen, meeting, search)[:-1]
     else:
-        status = "not-met"
-        summary = f"no INT8{', QAT' if 'qat' in search.records else ''} or mixed-precision model meets the budget of {budget:g} points"
+        status = "fp32" if fp16 is not None and fp16["meets"] else "not-met"
+        summary = (f"no INT8{', QAT' if 'qat' in search.records else ''} or mixed-precision model meets the budget of "
+                   f"{budget:g} points; nothing beats FP32")
+        others = [r for r in search.records.values() if r["kind"] != "fp32" and r.get("p50_ms")]
+        if others:
+            q = min(others, key=lambda r: r["p50_ms"])
+            summary += (f" (the fastest candidate, {q['name']}, runs at {_speed(q, fp32)}× FP32's speed and "
+                        f"{'meets' if q['meets'] else 'misses'} the budget: drop {q['drop']:+.2f}); FP32 is the chosen model")
         if qat_hint:
             reasons.append(qat_hint)
-        fp16 = search.records.get("fp16")
-        if fp16 is not None:
-            reasons.append(f"or FP16: drop {fp16['drop']:+.2f} points, {fp16['size_mb']:.2f} MB "
-                           f"({'meets' if fp16['meets'] else 'misses'} the budget; on CPUs without FP16 arithmetic it is not faster)")
-            if fp16["meets"]:
-                status, summary = "fp16", summary + "; FP16 does, and is the chosen model"
+    if fp16 is not None:
+        reasons.append(f"FP16: drop {fp16['drop']:+.2f} points, {fp16['size_mb']:.2f} MB, {_speed(fp16, fp32)}× FP32's speed "
+                       f"({'meets' if fp16['meets'] else 'misses'} the budget; on CPUs without FP16 arithmetic it is not faster)")
     broken = broken_layers(analysis)
     if broken:
         reasons.insert(1, "layers that break INT8: " + "; ".join(f"{n} ({why})" for n, why in broken.items()))
     reasons.append(f"{search.evaluations} evaluations on the validation set (FP32 included)")
     return {"status": status, "summary": summary, "reasons": reasons, "broken_layers": list(broken)}
+
+
+def _speed(candidate: dict, fp32: dict) -> str:
+    return f"{fp32['p50_ms'] / candidate['p50_ms']:.2f}"
 
 
 def _float_reason(name: str, analysis) -> str:
@@ -599,7 +676,7 @@ def print_auto(console, report: dict, output: Path | str) -> None:
     from rich.table import Table
 
     v = report["verdict"]
-    colour = {"met": "green", "fp16": "yellow"}.get(v["status"], "red")
+    colour = {"met": "green", "fp16": "yellow", "fp32": "yellow"}.get(v["status"], "red")
     console.print(f"[bold {colour}]{v['summary']}[/]", highlight=False)
     for reason in v["reasons"]:
         console.print(f"  • {reason}", highlight=False)

@@ -26,13 +26,10 @@ import numpy as np
 from edgeq import formats
 from edgeq.bench_table import bench_table  # noqa: F401 - the table renders these records; importable from here
 from edgeq.errors import ConfigError, DataError, ModelError
-from edgeq.limits import check_feed_size
 from edgeq.memory import peak_rss_kib, reset_peak, rss_kib
 from edgeq.model import TensorSpec
+from edgeq.timing import is_fixed_dim, random_feed
 
-# Integer inputs are usually token ids or indices: small non-negative values are valid for almost any vocabulary.
-RANDOM_INT_HIGH = 100
-RANDOM_SEED = 0
 
 
 # ----- configuration ----------------------------------------------------------------------------------------
@@ -336,96 +333,10 @@ def data_feed(specs: list[TensorSpec], config: BenchConfig, notes: list[str] | N
     first = next(batches(dataset, specs, config.batch))
     # Copies: the feed must not keep the whole data set alive through views.
     feed = {k: np.array(v, copy=True) for k, v in first.inputs.items()}
-    batch_fixed = any(s.rank and _is_fixed(s.shape[0]) for s in specs)
+    batch_fixed = any(s.rank and is_fixed_dim(s.shape[0]) for s in specs)
     if notes is not None and not batch_fixed and first.size < config.batch:
         notes.append(f"the data holds {first.size} samples, so batches have {first.size}, not {config.batch}")
     return feed
-
-
-def median_ms(proto, feed: dict[str, np.ndarray], runs: int, threads: int = 1) -> float:
-    """In-process median latency of one feed after one warm-up run: a quick ratio between models (the benchmark
-    proper, `benchmark`, runs each model in its own worker process)."""
-    from edgeq.model import make_session
-
-    session = make_session(proto, threads=threads)
-    session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
-
-
-def random_feed(specs: list[TensorSpec], config: BenchConfig, model_label: str = "the model") -> dict[str, np.ndarray]:
-    """Random inputs shaped by the specs: N(0, 1) floats, integers in [0, 100) (token ids), False for booleans.
-
-    Dynamic dims: axis 0 is the batch (`config.batch`); others come from `config.shapes`, or it is a ConfigError.
-
-    >>> from edgeq.model import TensorSpec
-    >>> feed = random_feed([TensorSpec("x", np.dtype("float32"), ("N", 3, 8, 8))], BenchConfig(batch=2))
-    >>> feed["x"].shape, feed["x"].dtype
-    ((2, 3, 8, 8), dtype('float32'))
-    """
-    unknown_names = sorted(set(config.shapes) - {s.name for s in specs})
-    if unknown_names:
-        raise ConfigError(f"--shape names {', '.join(map(repr, unknown_names))}: not an input of {model_label}",
-                          f"its inputs are: {', '.join(s.describe() for s in specs)}")
-    shapes = _input_shapes(specs, config, model_label)
-    check_feed_size(specs, shapes, model_label)
-    rng = np.random.default_rng(RANDOM_SEED)
-    return {spec.name: _random_array(spec, shapes[spec.name], rng, model_label) for spec in specs}
-
-
-def _input_shapes(specs: list[TensorSpec], config: BenchConfig, model_label: str) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    missing: list[str] = []
-    for spec in specs:
-        if spec.name in config.shapes:
-            shapes[spec.name] = _given_shape(spec, config.shapes[spec.name], model_label)
-            continue
-        dims = [d if _is_fixed(d) else (config.batch if axis == 0 else None) for axis, d in enumerate(spec.shape)]
-        if any(d is None for d in dims):
-            example = ",".join(str(d) if d is not None else f"<{_dim_label(spec.shape[a], a)}>" for a, d in enumerate(dims))
-            missing.append(f"{spec.name}={example}")
-        else:
-            shapes[spec.name] = tuple(dims)
-    if missing:
-        names = ", ".join(repr(m.split("=")[0]) for m in missing)
-        raise ConfigError(f"input(s) {names} of {model_label} have dynamic dims edgeq cannot guess",
-                          "pass the full shape with numbers, e.g. " + " ".join(f"--shape {m}" for m in missing) + ", or feed real inputs with --data")
-    return shapes
-
-
-def _is_fixed(dim: int | str | None) -> bool:
-    return isinstance(dim, int) and dim >= 0
-
-
-def _dim_label(dim: int | str | None, axis: int) -> str:
-    return dim if isinstance(dim, str) and dim else f"axis{axis}"
-
-
-def _given_shape(spec: TensorSpec, shape: tuple[int, ...], model_label: str) -> tuple[int, ...]:
-    if len(shape) != spec.rank:
-        raise ConfigError(f"--shape {spec.name}={','.join(map(str, shape))} has rank {len(shape)}; input {spec.describe()} of {model_label} has rank {spec.rank}",
-                          "give one number per dim")
-    for axis, (given, want) in enumerate(zip(shape, spec.shape)):
-        if _is_fixed(want) and given != want:
-            raise ConfigError(f"--shape {spec.name}: axis {axis} is {given}, but {model_label} fixes it at {want} ({spec.describe()})",
-                              f"use {want} for axis {axis}")
-    return shape
-
-
-def _random_array(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, model_label: str) -> np.ndarray:
-    kind = spec.dtype.kind
-    if kind == "f":
-        return rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype, copy=False)
-    if kind in "iu":
-        return rng.integers(0, RANDOM_INT_HIGH, size=shape).astype(spec.dtype)
-    if kind == "b":
-        return np.zeros(shape, dtype=bool)
-    raise ConfigError(f"input {spec.describe()} of {model_label} has a type edgeq cannot fill with random values",
-                      "feed real inputs with --data")
 
 
 def _batch_of(feed: dict[str, np.ndarray], specs: list[TensorSpec]) -> int:

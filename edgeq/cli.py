@@ -47,6 +47,11 @@ class WeightRange(str, Enum):
     mse = "mse"
 
 
+class Rounding(str, Enum):
+    nearest = "nearest"
+    adaround = "adaround"
+
+
 class Algorithm(str, Enum):
     auto = "auto"
     rtn = "rtn"
@@ -98,6 +103,7 @@ def quantize(
     max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many calibration samples.")] = None,
     weight_range: Annotated[WeightRange, typer.Option(help="Static INT8 weight ranges: minmax, or mse (clipping that minimises the error).")] = WeightRange.minmax,
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Static INT8: correct each layer's bias for its mean quantization error.")] = False,
+    rounding: Annotated[Rounding, typer.Option(help="Static INT8: weight rounding: nearest, or adaround (learned on the calibration data, per layer).")] = Rounding.nearest,
     equalize: Annotated[bool, typer.Option("--equalize", help="Static INT8: cross-layer equalization of consecutive conv/linear layers.")] = False,
     smoothquant: Annotated[Optional[str], typer.Option(help="Static INT8: SmoothQuant for MatMul/Gemm inputs: migration strength alpha (e.g. 0.5), or auto (per layer).")] = None,
     coverage: Annotated[Coverage, typer.Option(help="Static INT8: measured (nodes whose int8 kernel measures slower than float here stay float) or all.")] = Coverage.measured,
@@ -146,7 +152,7 @@ def quantize(
                                 activation_type=activation_type.value, op_types=ops or cfg.STATIC_OP_TYPES,
                                 exclude_nodes=tuple(exclude or ()), max_samples=max_samples, weight_range=weight_range.value,
                                 bias_correction=bias_correction, equalize=equalize, smoothquant=_smoothquant_alpha(smoothquant),
-                                coverage=coverage.value, threads=threads)
+                                coverage=coverage.value, threads=threads, rounding=rounding.value)
         data = edgeq.open_data(calib, preset)
     result = edgeq.quantize(source, config, calib=data)
     result.save(output, force=force)
@@ -347,7 +353,7 @@ def analyze(
 def auto(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     calib: Annotated[Path, typer.Option(help="Calibration DATA.")],
-    val: Annotated[Path, typer.Option(help="Validation DATA (labels give top-1; the metric the budget is in).")],
+    val: Annotated[Path, typer.Option(help="Validation DATA: the metric the budget is in (labels give top-1; without labels, fidelity to MODEL).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the chosen model, candidates and the report.")],
     budget: Annotated[float, typer.Option(help="Accepted drop of the validation metric, in points.")] = 1.0,
     target: Annotated[str, typer.Option(help="Target profile for the operator-support table.")] = "onnxruntime-cpu",
@@ -362,7 +368,7 @@ def auto(
     preset: Preset = "raw",
     force: Force = False,
 ) -> None:
-    """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, then QAT; fastest wins."""
+    """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, then QAT; fastest wins, FP32 and FP16 included."""
     import edgeq
     from edgeq.auto import QatSource, print_auto
     from edgeq.auto import auto as run_auto

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from edgeq import errors
 from edgeq.errors import ModelError, UserError
+from edgeq.timing import Speedup
 
 # A protocol line starts with this, so anything a library prints on stdout cannot be mistaken for an answer.
 MARK = "edgeq-bench:"
@@ -32,25 +32,6 @@ MARK = "edgeq-bench:"
 # told apart from its neighbours; a p90 this many times the p50 means the runs were disturbed.
 SPREAD_WARN = 0.15
 TAIL_WARN = 2.0
-
-
-@dataclass(frozen=True)
-class Speedup:
-    """Baseline latency / this model's latency, per round; `median` is the figure, `low`–`high` the middle half."""
-
-    median: float
-    low: float
-    high: float
-
-    @property
-    def relative_spread(self) -> float:
-        return (self.high - self.low) / self.median
-
-    @classmethod
-    def of(cls, base_round_ms: Sequence[float], round_ms: Sequence[float]) -> "Speedup":
-        ratios = np.asarray(base_round_ms, dtype=np.float64) / np.asarray(round_ms, dtype=np.float64)
-        low, median, high = np.percentile(ratios, [25, 50, 75])
-        return cls(float(median), float(low), float(high))
 
 
 def round_sizes(runs: int, rounds: int) -> list[int]:
@@ -151,34 +132,6 @@ class _Worker:
             raise ModelError(f"the process measuring {self.path} was killed by signal {-code} ({last[:200]})",
                              "if memory ran out, close other programs or use a smaller --batch; otherwise check the model in ONNX Runtime")
         raise RuntimeError(f"benchmark worker for {self.path} exited with code {code}: {last[:300]}")
-
-
-def interleaved_round_ms(protos: Sequence, feed: dict[str, np.ndarray], threads: int, rounds: int, runs_per_round: int) -> list[list[float]]:
-    """In-process interleaved timing of several models on one feed: per model, the median of each round's burst
-    (order rotating by round, one untimed run before each burst). Pair them with `Speedup.of`."""
-    import time
-
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 4
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = [ort.InferenceSession(p.SerializeToString(), opts, providers=["CPUExecutionProvider"]) for p in protos]
-    for session in sessions:
-        session.run(None, feed)
-    found: list[list[float]] = [[] for _ in sessions]
-    for r in range(rounds):
-        for k in range(len(sessions)):
-            i = (r + k) % len(sessions)
-            sessions[i].run(None, feed)
-            times = []
-            for _ in range(runs_per_round):
-                begin = time.perf_counter_ns()
-                sessions[i].run(None, feed)
-                times.append(time.perf_counter_ns() - begin)
-            found[i].append(float(np.median(times)) / 1e6)
-    return found
 
 
 # ----- the worker side ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from edgeq.report.auto import pareto_front
 def planted():
     """Trained once per machine (seeded, so the same model every time) and kept in ~/.cache/edgeq."""
     pytest.importorskip("torch")
-    from edgeq.analyze.planted import cached_planted_model
+    from edgeq.testing.planted import cached_planted_model
 
     return cached_planted_model()
 
@@ -114,7 +114,7 @@ def test_verdict_when_nothing_meets_the_budget_recommends_qat_or_fp16():
     analysis = SimpleNamespace(sensitivity=[], outliers=[])
     best = {"method": "mse", "drop": 5.0, "meets": False}
     fp32 = {"name": "fp32", "kind": "fp32", "drop": 0.0, "meets": True, "size_mb": 4.0, "p50_ms": 2.0, "float_layers": []}
-    fp16 = {"name": "fp16", "kind": "fp16", "drop": 0.1, "meets": True, "size_mb": 2.0, "p50_ms": 2.2, "float_layers": []}
+    fp16 = {"name": "fp16", "kind": "fp16", "drop": 0.1, "meets": True, "size_mb": 2.0, "p50_ms": 1.6, "float_layers": []}
     search = SimpleNamespace(records={"fp32": fp32, "fp16": fp16}, evaluations=9)
     model = edgeq.Model(make_conv_model(), "models/net.onnx")
     hint = auto_mod._qat_command(model, "data/val set.npz", edgeq.Int8Static(per_channel=False), "out")

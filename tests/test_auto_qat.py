@@ -88,25 +88,29 @@ def test_auto_runs_qat_when_no_int8_model_meets_and_chooses_it(work, monkeypatch
     q = cands["qat"]
     assert q["kind"] == "qat" and q["meets"] and q["drop"] <= 1.0 and q["p50_ms"] > 0 and q["int8_layers"] == report["layers"] == 2
     assert q["qat"]["epochs"] == 3 and q["evaluation"] == report["evaluations"] == len(report["candidates"])
-    assert report["chosen"] == "qat" and report["verdict"]["status"] == "met"
-    assert "quantization-aware training" in report["verdict"]["summary"]
-    assert any(s["step"] == "qat" for s in report["search"]) and "fp16" not in cands
+    within = [c for c in report["candidates"] if c["meets"]]
+    assert cands[report["chosen"]]["p50_ms"] == min(c["p50_ms"] for c in within)   # the fastest within budget, FP32 included
+    if report["chosen"] == "qat":
+        assert report["verdict"]["status"] == "met" and "quantization-aware training" in report["verdict"]["summary"]
+    else:                                    # on this 2-layer net a float model can be faster: the verdict says so
+        assert "nothing beats FP32" in report["verdict"]["summary"] or report["chosen"] == "fp16"
+    assert any(s["step"] == "qat" for s in report["search"]) and cands["fp16"]["evaluation"] == 2
     assert "qat" in pareto_front(report["candidates"])
-    # the deployed model is the QAT export, and it scores what its record says
+    # the QAT export scores what its record says
     assert (work / "out" / "candidates" / "qat.onnx").is_file() and (work / "out" / "candidates" / "qat.json").is_file()
-    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(work / "out" / "model.onnx")).graph.node}
-    assert edgeq.validate(work / "out" / "model.onnx", edgeq.Dataset.from_npz(work / "val.npz")).value == pytest.approx(q["metric_value"])
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(work / "out" / "candidates" / "qat.onnx")).graph.node}
+    assert edgeq.validate(work / "out" / "candidates" / "qat.onnx", edgeq.Dataset.from_npz(work / "val.npz")).value == pytest.approx(q["metric_value"])
     html = (work / "out" / "report.html").read_text()
     chart = html.split('id="tradeoff"')[1].split("</figure>")[0]
-    assert "qat ★" in html and "QAT 3 epochs" in html and "<!-- qat -->" in chart     # a point of the Pareto chart
-    assert "qat ★" in capsys.readouterr().out
+    assert f"{report['chosen']} ★" in html and "QAT 3 epochs" in html and "<!-- qat -->" in chart     # a point of the Pareto chart
+    assert f"{report['chosen']} ★" in capsys.readouterr().out
 
 
 def test_without_a_pytorch_model_the_verdict_gives_the_qat_command(work):
     report = edgeq.auto(work / "model.onnx", work / "calib.npz", work / "val.npz", 1.0, work / "no-qat", max_float_layers=0,
                         executor=InProcess(), bench_runs=3)
     assert "qat" not in {c["name"] for c in report["candidates"]}
-    assert report["verdict"]["status"] == "fp16"
+    assert report["verdict"]["status"] in ("fp16", "fp32")      # whichever float model is faster here
     hint = next(r for r in report["verdict"]["reasons"] if r.startswith("recommendation: quantization-aware training"))
     assert f"--val {work / 'val.npz'}" in hint and "edgeq qat MODULE:FACTORY --weights WEIGHTS.pt --train TRAIN_DATA" in hint
     assert "--torch-model MODULE:FACTORY" in hint

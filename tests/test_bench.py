@@ -17,6 +17,7 @@ from rich.console import Console
 
 from edgeq import bench
 from edgeq.bench import BenchConfig, BenchRecord, Latency, bench_table, benchmark, parse_shapes, random_feed
+from edgeq.timing import RANDOM_INT_HIGH
 from edgeq.errors import ConfigError, DataError, ModelError, UserError
 from edgeq.model import TensorSpec
 from tests.conftest import make_conv_model
@@ -96,7 +97,7 @@ def test_batch_fills_the_dynamic_batch_dim():
                         TensorSpec("mask", np.dtype("bool"), (1, 4))], BenchConfig(batch=3))
     assert feed["x"].shape == (3, 1, 8, 8) and feed["x"].dtype == np.float32
     assert feed["ids"].shape == (3, 4) and feed["ids"].dtype == np.int64
-    assert feed["ids"].min() >= 0 and feed["ids"].max() < bench.RANDOM_INT_HIGH
+    assert feed["ids"].min() >= 0 and feed["ids"].max() < RANDOM_INT_HIGH
     assert feed["mask"].shape == (1, 4) and not feed["mask"].any()
 
 

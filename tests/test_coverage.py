@@ -18,11 +18,11 @@ import pytest
 from onnx import helper
 
 import edgeq
-from edgeq import zoo
+from edgeq.testing import zoo
 from edgeq.errors import ConfigError
 from edgeq.quantize import coverage
 from edgeq.quantize.coverage import float_costs, int8_costs
-from edgeq.rounds import Speedup, interleaved_round_ms
+from edgeq.timing import Speedup, interleaved_round_ms
 from tests.conftest import make_conv_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgeq
-from edgeq import zoo
+from edgeq.testing import zoo
 from edgeq.model import Model
 from edgeq.quantize import fp16 as fp16_module
 from edgeq.quantize.config import FP16_BLOCK_OPS

@@ -1,4 +1,4 @@
-"""INT4 on the docstring LM trained by edgeq.lm: perplexity, fidelity to FP32, GPTQ, mixed INT4/INT8, CLI."""
+"""INT4 on the docstring LM trained by edgeq.testing.lm: perplexity, fidelity to FP32, GPTQ, mixed INT4/INT8, CLI."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import edgeq
-from edgeq import lm
+from edgeq.testing import lm
 from edgeq.evaluate import compare, validate, window_nll
 
 # Smaller than the bench's LM (lm.LMConfig()) so that the whole file stays within a minute on 2 cores.

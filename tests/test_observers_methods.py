@@ -253,7 +253,7 @@ def test_reshapes_of_a_quantized_tensor_need_no_range_and_the_model_is_the_same(
 
     import onnx
 
-    from edgeq.calibrate import quantized_tensors
+    from edgeq.quantize.qdq import quantized_tensors
 
     int8 = importlib.import_module("edgeq.quantize.int8")
     model = _attention_like_model()

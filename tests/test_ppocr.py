@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import edgeq
-from edgeq import zoo
+from edgeq.testing import zoo
 from edgeq.evaluate import validate
 from edgeq.model import make_session
 

@@ -97,7 +97,7 @@ print(next(line.split()[1] for line in open("/proc/self/status") if line.startsw
 
 def _text_line_crops(folder: Path, count: int, seed: int) -> Path:
     """`count` 48×192 crops of rendered text pages (PP-OCR's normalisation), one .npy file each."""
-    from edgeq import zoo
+    from edgeq.testing import zoo
 
     pages = zoo.render_text_images(8, seed=seed)
     rng = np.random.default_rng(seed)

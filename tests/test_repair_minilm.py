@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import edgeq
-from edgeq import zoo
+from edgeq.testing import zoo
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def test_cli_prints_every_scored_output_and_refuses_an_unknown_one_in_one_line(i
 def test_minilm_int8_sentence_embedding_is_judged_by_cosine_not_argmax(tmp_path):
     """Issue 19 point 4: MiniLM's INT8 sentence embedding agrees with FP32 on 79% of argmaxes ("stay-fp16" by the
     old reading) at cosine 0.993: it is an embedding (384 wide, no softmax, no labels) and ships by cosine."""
-    from edgeq import zoo
+    from edgeq.testing import zoo
 
     path = zoo.export_minilm(tmp_path / "minilm.onnx")
     feed = zoo.minilm_inputs(zoo.sample_sentences(48))
@@ -179,7 +179,7 @@ def test_minilm_int8_sentence_embedding_is_judged_by_cosine_not_argmax(tmp_path)
 
 @pytest.mark.slow
 def test_ppocr_det_map_keeps_its_map_metrics_and_names_its_one_output():
-    from edgeq import zoo
+    from edgeq.testing import zoo
 
     path = zoo.ppocr_det_path()
     pages = zoo.render_text_images(5, 256, 320, seed=3)

@@ -1,4 +1,4 @@
-"""edgeq.zoo: real models and data from installed packages, no download."""
+"""edgeq.testing.zoo: real models and data from installed packages, no download."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import edgeq
-from edgeq import zoo
+from edgeq.testing import zoo
 from edgeq.errors import UserError
 
 
@@ -80,7 +80,7 @@ def test_minilm_inputs_match_the_transformers_tokenizer():
 
 
 def test_data_helpers_never_import_torch():
-    code = ("import sys; from edgeq import zoo; zoo.render_text_images(1, 64, 64); zoo.minilm_inputs(['A b c.']); "
+    code = ("import sys; from edgeq.testing import zoo; zoo.render_text_images(1, 64, 64); zoo.minilm_inputs(['A b c.']); "
             "zoo.ppocr_det_path(); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

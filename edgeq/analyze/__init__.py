@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq.analyze._qdq import Prepared, prepare_and_calibrate, prepare_model, quantizable_layers
 from edgeq.analyze.outliers import LayerOutliers, weight_outliers
 from edgeq.analyze.quality import DataQuality, data_quality
 from edgeq.analyze.sensitivity import Fidelity, LayerSensitivity, eval_inputs, full_int8_fidelity, sensitivity
@@ -20,6 +19,8 @@ from edgeq.data import Dataset, open_data
 from edgeq.errors import UserError
 from edgeq.model import Model, load
 from edgeq.quantize.config import Int8Static
+from edgeq.quantize.qdq import Prepared, prepare_and_calibrate, prepare_static, quantizable_layers
+from edgeq.sqnr import BROKEN_SQNR_DB
 
 
 @dataclass
@@ -62,7 +63,7 @@ def analyze(model: Model | str | Path, calib: Dataset | str | Path | None = None
         graph = prepared.model.proto
     else:
         try:
-            graph = prepare_model(source, config)[0].proto
+            graph = prepare_static(source, config)[0].proto
         except UserError as exc:   # e.g. a custom op ONNX Runtime cannot load: the static analyses still apply
             graph, notes = source.proto, [f"the graph could not be prepared for quantization ({exc}); analysed as given"]
     result = Analysis(str(source.path or source.name), str(target), len(quantizable_layers(graph)))
@@ -85,13 +86,13 @@ def findings(a: Analysis) -> list[str]:
     out = []
     if a.int8_fidelity is not None:
         out.append(f"full INT8: output SQNR {a.int8_fidelity.sqnr_db:.1f} dB, cosine {a.int8_fidelity.cosine:.4f} vs FP32")
-    bad = [s for s in a.sensitivity if s.only_quantized.sqnr_db < 20]
+    bad = [s for s in a.sensitivity if s.only_quantized.sqnr_db < BROKEN_SQNR_DB]
     if a.sensitivity:
         top = a.sensitivity[0]
         out.append(f"most sensitive layer: {top.node} (only it INT8: SQNR {top.only_quantized.sqnr_db:.1f} dB; "
                    f"only it float: {top.only_float.sqnr_db:.1f} dB)")
     if bad:
-        out.append(f"{len(bad)} layer(s) alone push the output SQNR under 20 dB: {', '.join(s.node for s in bad)}")
+        out.append(f"{len(bad)} layer(s) alone push the output SQNR under {BROKEN_SQNR_DB:g} dB: {', '.join(s.node for s in bad)}")
     flagged = [o for o in a.outliers if o.flags]
     for o in flagged[:5]:
         out.append(f"{o.node}: {o.reasons[0]}")

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeq.analyze._qdq import quantizable_layers
+from edgeq.quantize.qdq import quantizable_layers
 
 # A Gaussian's max over a few thousand weights sits ~4 robust sigmas out; 12 means a handful of weights own the range.
 OUTLIER_RATIO = 12.0

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgeq.analyze._qdq import Prepared
 from edgeq.calibrate import with_outputs
 from edgeq.data import Dataset, batches
 from edgeq.model import Model, make_session
+from edgeq.quantize.qdq import Prepared
 
 MIN_SAMPLES = 100
 OUTSIDE_WARN = 0.01     # more than 1% of a layer's validation values outside its calibrated range

@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from edgeq.analyze._qdq import Prepared, quantize_qdq
 from edgeq.data import Dataset, batches
 from edgeq.model import make_session
 from edgeq.progress import track
+from edgeq.quantize.qdq import Prepared, quantize_qdq
+from edgeq.sqnr import sqnr_db
 
 
 @dataclass
@@ -59,10 +60,9 @@ def fidelity(reference: np.ndarray, y: np.ndarray) -> Fidelity:
     out = y.reshape(len(y), -1)
     noise = float(np.sum((ref - out) ** 2))
     signal = float(np.sum(ref ** 2))
-    sqnr = float("inf") if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
     cos = np.where(norms > 0, np.sum(ref * out, axis=1) / np.maximum(norms, 1e-30), 1.0)
-    return Fidelity(round(float(min(sqnr, 999.0)), 3), round(float(np.mean(cos)), 6))
+    return Fidelity(round(sqnr_db(signal, noise), 3), round(float(np.mean(cos)), 6))
 
 
 def sensitivity(prep: Prepared, feed: dict[str, np.ndarray], layers: list[str] | None = None) -> list[LayerSensitivity]:

@@ -298,63 +298,6 @@ def float_tensors(proto: onnx.ModelProto) -> list[str]:
     return names
 
 
-# Ops whose output ONNX Runtime's QDQ quantizer gives the input's scale when that input is quantized (and which
-# quantize nothing otherwise), ops that always quantize their activation inputs and outputs, and activations it folds
-# into the producer's output (whose own output then needs no range of its own) and quantizes only after a quantized
-# input.
-SAME_AS_INPUT = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
-ALWAYS_QUANTIZED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-FOLDED = ("Relu", "Clip")
-
-
-def quantized_tensors(proto: onnx.ModelProto, op_types: tuple[str, ...] | list[str], exclude: tuple[str, ...] = ()) -> list[str]:
-    """The tensors a static QDQ quantizer needs ranges for: non-constant inputs and outputs of the nodes it may
-    quantize, less the pre-activation outputs folded into a Relu/Clip and the outputs of MaxPool/Reshape/Transpose/...
-    nodes whose input is certainly quantized (replaying ONNX Runtime's pass in graph order: they share that input's
-    scale). Unsure cases keep their range. Calibrating only these skips about a sixth of the binning on the digits
-    CNN and many reshapes of a transformer; the quantized model is byte-identical (tested)."""
-    constants = {t.name for t in proto.graph.initializer}
-    floats = set(float_tensors(proto)) | {i.name for i in proto.graph.input}
-    typed = {v.name for v in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output)
-             if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}  # what the quantizer can see is float
-    graph_outputs = {o.name for o in proto.graph.output}
-    folded = set(folded_activations(proto, op_types, exclude))
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    marked: set[str] = set()    # tensors the quantizer certainly quantizes
-    shared: set[str] = set()    # ... of which those that take their input's scale
-    names: dict[str, None] = {}
-    for node in proto.graph.node:
-        if node.op_type not in op_types or node.name in exclude:
-            continue
-        activations = [n for n in list(node.input) + list(node.output) if n and n not in constants and n in floats]
-        if node.op_type in SAME_AS_INPUT:
-            if node.input[0] in marked and node.output[0] in typed and (node.op_type != "MaxPool" or opset >= 12):
-                marked.add(node.output[0])
-                shared.add(node.output[0])
-            elif node.output[0] in graph_outputs:
-                names[node.output[0]] = None
-            continue
-        if node.op_type in ALWAYS_QUANTIZED or (node.op_type in FOLDED and node.input[0] in marked):
-            marked.update(n for n in activations if n in typed)
-        for name in activations:
-            if name not in shared and name not in folded:
-                names[name] = None
-    return list(names)
-
-
-def folded_activations(proto: onnx.ModelProto, op_types: tuple[str, ...] | list[str], exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """Pre-activation tensor → the Relu/Clip output it is folded into (ONNX Runtime looks the former up, then uses
-    the latter's range)."""
-    graph_outputs = {o.name for o in proto.graph.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return {name: readers[0].output[0] for name, readers in users.items()
-            if name not in graph_outputs and len(readers) == 1 and readers[0].op_type in FOLDED
-            and readers[0].op_type in op_types and readers[0].name not in exclude}
-
-
 def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of the model that also returns the given intermediate tensors."""
     copy = onnx.ModelProto()

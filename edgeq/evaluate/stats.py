@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.sqnr import sqnr_db
+
 Z95 = 1.959963984540054
 # Fixed seed and resample count: the same inputs give the same interval, run after run and machine to machine.
 BOOTSTRAP_SEED = 20_240_917
@@ -54,7 +56,7 @@ def mean_estimate(values: np.ndarray) -> Estimate:
 
 
 def sqnr_estimate(signal: np.ndarray, noise: np.ndarray) -> Estimate:
-    """10·log10(Σ signal energy / Σ noise energy) over finite samples; infinite for identical outputs.
+    """10·log10(Σ signal energy / Σ noise energy) over finite samples (`edgeq.sqnr`: 200 dB for identical outputs).
 
     The bootstrap runs on the noise-to-signal ratio, which stays finite when some resamples carry no noise.
     """
@@ -67,7 +69,7 @@ def sqnr_estimate(signal: np.ndarray, noise: np.ndarray) -> Estimate:
 
 
 def _db(noise_to_signal: float) -> float:
-    return math.inf if noise_to_signal <= 0 else -10 * math.log10(noise_to_signal) + 0.0  # no -0.0 dB
+    return sqnr_db(1.0, noise_to_signal) + 0.0  # + 0.0: no -0.0 dB
 
 
 def bootstrap_ci(stat: Callable[..., np.ndarray], *arrays: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:

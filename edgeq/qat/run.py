@@ -127,7 +127,8 @@ def finetune_qat(prepared, x: np.ndarray, y: np.ndarray, split: tuple[np.ndarray
 
 def run_qat(spec: str, weights: Path, train, val, output: Path, options: QatOptions, *, force: bool = False) -> dict:
     """Everything `edgeq qat` does; returns the figures it prints."""
-    import edgeq
+    from edgeq.data import Dataset
+    from edgeq.quantize.config import Int8Static
     from edgeq import qat
     from edgeq.decide import DecisionRule
     from edgeq.evaluate import compare, validate
@@ -137,10 +138,10 @@ def run_qat(spec: str, weights: Path, train, val, output: Path, options: QatOpti
     name, x, y = training_arrays(train, "training data")
     _, vx, vy = training_arrays(val, "validation data")
     task = options.task or default_task(y)
-    config = edgeq.Int8Static(per_channel=options.per_channel, weight_bits=options.weight_bits)
+    config = Int8Static(per_channel=options.per_channel, weight_bits=options.weight_bits)
     prepared, split = prepare_qat(model, x, name, config, options)
     state = prepared.edgeq_qat
-    val_set = edgeq.Dataset.from_arrays({name: vx}, labels=vy, description="validation data")
+    val_set = Dataset.from_arrays({name: vx}, labels=vy, description="validation data")
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_float(state.template, name, state.output_names, x[:1]).save(Path(tmp) / "fp32.onnx")
         base = validate(fp32_path, val_set).to_dict()

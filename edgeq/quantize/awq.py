@@ -14,7 +14,7 @@ so AWQ never does worse than RTN on that objective. Then, per output column and 
 1/s is folded into x's producer where that is exact: the scale and bias of a normalisation (LayerNormalization,
 RMSNormalization, SimplifiedLayerNormalization, Skip(Simplified)LayerNormalization), the output channels of a
 MatMul/Gemm or the constant of a Mul, through Add-a-constant and Relu, when the chain feeds only this group.
-Otherwise a Mul by 1/s goes before the group: one elementwise op, a little latency (in edgeq.lm's GPT: the
+Otherwise a Mul by 1/s goes before the group: one elementwise op, a little latency (in edgeq.testing.lm's GPT: the
 attention output projection and fc2, behind Gelu).
 """
 from __future__ import annotations

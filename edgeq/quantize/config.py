@@ -80,12 +80,18 @@ class Int8Static:
     bias_correction: bool = False         # shift Conv/Gemm and MatMul+Add biases by their mean output error on calibration data
     equalize: bool = False                # cross-layer equalization of consecutive Conv/Gemm layers (depthwise too)
     smoothquant: float | str | None = None  # alpha (e.g. 0.5) for MatMul/Gemm activation outliers, or "auto" per layer
+    # "adaround": learned rounding of Conv/Gemm/MatMul weights on calibration data (edgeq.quantize.repair.adaround;
+    # measured in bench/rounding.py), on the quantizer's grid; "nearest": round to nearest.
+    rounding: str = "nearest"
     # "measured": nodes whose int8 kernel plus Q/DQ glue measures slower than the float kernel on this machine, at
     # `threads` intra-op threads, stay float, and the summary gives the measured speed-up (edgeq.quantize.coverage;
     # the default of `edgeq quantize`); "all": every node of `op_types` is quantized, the placement that edgeq.auto,
     # edgeq.qat and edgeq.analyze compose with (they choose float layers and measure latency themselves).
     coverage: str = "all"
     threads: int = 1
+    # "auto": a recognised detector head (edgeq.quantize.detection_head) keeps its box decoding and its outputs
+    # that mix coordinates with scores float; "off": the head is quantized like the rest of the graph.
+    detection_head: str = "auto"
 
     precision = "int8"
     mode = "static"

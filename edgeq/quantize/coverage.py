@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from edgeq.model import Model
-from edgeq.rounds import Speedup, interleaved_round_ms
+from edgeq.timing import Speedup, interleaved_round_ms
 
 COVERAGES = ("measured", "all")
 MAX_PASSES = 4

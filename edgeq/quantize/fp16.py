@@ -58,7 +58,7 @@ def convert_fp16(model: Model, config: Fp16) -> tuple[Model, QuantSummary]:
     """Convert a float32 model to float16 as far as is safe; the summary lists every float node kept float32.
 
     >>> import edgeq
-    >>> from edgeq import zoo
+    >>> from edgeq.testing import zoo
     >>> from edgeq.quantize.fp16 import convert_fp16
     >>> fp16, summary = convert_fp16(edgeq.load(zoo.ppocr_det_path()), edgeq.Fp16())   # doctest: +SKIP
     >>> summary.quantized["Conv"], summary.left_float[-1]["reason"]                      # doctest: +SKIP

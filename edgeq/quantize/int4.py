@@ -24,6 +24,7 @@ from edgeq.quantize.awq import quantize_awq
 from edgeq.quantize.config import Int4WeightOnly
 from edgeq.quantize.gptq import hessian, quantize_gptq
 from edgeq.quantize.packing import BLOCK_SIZES, BlockQuant, dq_tensors, nbits_tensors, pack_int4, quantize_rtn
+from edgeq.quantize.prepare import INT4_OPSET
 from edgeq.quantize.summary import QuantSummary
 
 ALGORITHMS = ("auto", "rtn", "gptq", "awq")
@@ -32,7 +33,6 @@ ALGORITHMS = ("auto", "rtn", "gptq", "awq")
 DATA_AWARE_DEFAULT = "gptq"
 FORMATS = ("nbits", "qdq")
 MS_DOMAIN = "com.microsoft"
-QDQ_INT4_OPSET = 21
 
 
 @dataclass
@@ -319,6 +319,6 @@ def _set_opsets(proto: onnx.ModelProto, config: Int4WeightOnly) -> None:
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if config.format == "qdq":
         for o in proto.opset_import:
-            if o.domain in ("", "ai.onnx") and o.version < QDQ_INT4_OPSET:
-                o.version = QDQ_INT4_OPSET
+            if o.domain in ("", "ai.onnx") and o.version < INT4_OPSET:
+                o.version = INT4_OPSET
         proto.ir_version = max(proto.ir_version, 10)

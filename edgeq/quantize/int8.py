@@ -2,40 +2,36 @@
 quantize, the preparation of the graph and the activation ranges are edgeq's."""
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
 import onnx
 
-from edgeq.calibrate import (HOLDOUT_MAX, METHODS, Calibration, Observed, check_method, folded_activations, observe,
-                             quantized_tensors, to_calibration)
+from edgeq.calibrate import HOLDOUT_MAX, METHODS, Calibration, Observed, check_method, observe, to_calibration
 from edgeq.data import Dataset
 from edgeq.errors import ConfigError, DataError
 from edgeq.model import Model
 from edgeq.quantize.config import Int8Dynamic, Int8Static
 from edgeq.quantize.coverage import COVERAGES, annotate, choose_for
+from edgeq.quantize.detection_head import explain_head, protect_head
 from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare
+from edgeq.quantize.qdq import build_qdq, prepare_static, quantized_tensors, quiet_ort_logging
 from edgeq.quantize.repair import correct_bias
+from edgeq.quantize.repair.adaround import ROUNDINGS, adaround, describe
 from edgeq.quantize.subgraph_static import quantize_static_bodies
 from edgeq.quantize.subgraphs import merge, quantize_bodies, toposort
 from edgeq.quantize.summary import QuantSummary, summarize
+from edgeq.sqnr import sqnr_db
 
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_BITS = (8, 4)
-INT4_OPSET = 21  # int4 QuantizeLinear/DequantizeLinear are standard ONNX from opset 21
-
-
-def _quiet_ort_logging() -> None:
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
 
 
 def quantize_dynamic(model: Model, config: Int8Dynamic) -> tuple[Model, QuantSummary]:
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode, QuantType
 
-    _quiet_ort_logging()
+    quiet_ort_logging()
     prepared, notes = prepare(model, per_channel=config.per_channel)
     quantizer = ONNXQuantizer(prepared.proto, config.per_channel, False, QuantizationMode.IntegerOps, False,
                               QuantType.QInt8, QuantType.QUInt8, None, [], list(config.exclude_nodes),
@@ -63,33 +59,18 @@ def _dynamic_body(standalone: onnx.ModelProto, config: Int8Dynamic) -> tuple[onn
 
 def _measured_slowdown(before: Model, after: Model, runs: int = 10) -> str:
     """Median latency of both models on the same random batch of one, at 1 thread: the ratio users must see."""
-    from edgeq.bench import BenchConfig, median_ms, random_feed
+    from edgeq.timing import BatchShape, median_ms, random_feed
     from edgeq.errors import UserError
 
     try:
-        feed = random_feed(before.inputs, BenchConfig(batch=1))
+        feed = random_feed(before.inputs, BatchShape(batch=1))
     except UserError:
         return "not measured here (dynamic input dims); `edgeq bench --shape ...` measures the ratio"
     fp32, dynamic = (median_ms(model.proto, feed, runs) for model in (before, after))
     return f"measured {dynamic / fp32:.1f}× the FP32 latency ({dynamic:.2f} ms vs {fp32:.2f} ms, batch 1, 1 thread)"
 
 
-def _int4_opset(prepared: Model, notes: list[str]) -> Model:
-    """W4A8 needs opset 21 for standard int4 DequantizeLinear; when the upgrade fails ONNX Runtime falls back to its
-    com.microsoft Q/DQ, which its CPU provider also runs."""
-    from edgeq.quantize.prepare import upgrade_opset
-
-    proto, note = upgrade_opset(prepared.proto, INT4_OPSET)
-    if note:
-        notes.append(note.replace("per-channel quantization", "int4 weights").replace("weights per tensor", "com.microsoft Q/DQ"))
-    return Model(proto, prepared.path)
-
-
 def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[Model, QuantSummary, Calibration]:
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-    from onnxruntime.quantization.quant_utils import QuantType
-
     if config.activation_type not in ACTIVATION_TYPES:
         raise ConfigError(f"unknown activation type {config.activation_type!r}", f"use one of: {', '.join(ACTIVATION_TYPES)}")
     if calib is None:
@@ -98,10 +79,11 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
         raise ConfigError(f"unknown coverage {config.coverage!r}", f"use one of: {', '.join(COVERAGES)}")
     if config.weight_bits not in WEIGHT_BITS:
         raise ConfigError(f"static quantization takes weight_bits 8 or 4, not {config.weight_bits!r}", "use 8 (INT8) or 4 (W4A8)")
-    _quiet_ort_logging()
-    prepared, notes = prepare(model, per_channel=config.per_channel)
-    if config.weight_bits == 4:
-        prepared = _int4_opset(prepared, notes)
+    if config.rounding not in ROUNDINGS:
+        raise ConfigError(f"unknown rounding {config.rounding!r}", f"use one of: {', '.join(ROUNDINGS)}")
+    quiet_ort_logging()
+    prepared, notes = prepare_static(model, config)
+    config, head = protect_head(prepared.proto, config)  # a detector's box decoding and mixed outputs stay float
     per_channel = config.per_channel and prepared.opset >= PER_CHANNEL_OPSET
     if config.method != "auto":
         check_method(config.method, config.percentile)
@@ -112,26 +94,9 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     seen = observe(prepared, calib, quantized_tensors(prepared.proto, config.op_types, tuple(config.exclude_nodes)), histogram=config.method != "minmax",
                    batch_size=config.batch_size,
                    max_samples=config.max_samples, holdout=auto)
-    activation = QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8
-    weight = QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8
-
-    folded = folded_activations(prepared.proto, config.op_types, tuple(config.exclude_nodes))
 
     def qdq(ranges: dict[str, tuple], float_nodes: tuple[str, ...] = ()) -> Model:
-        ranges = dict(ranges)
-        for pre, post in folded.items():  # never observed: the quantizer folds them into the activation's output
-            if pre not in ranges and post in ranges:
-                ranges[pre] = ranges[post]
-        data = TensorsData(CalibrationMethod.MinMax, {
-            name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()})
-        options = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
-        source = onnx.ModelProto()
-        source.CopyFrom(prepared.proto)  # the quantizer rewrites the graph it is given; auto quantizes several times
-        quantizer = QDQQuantizer(source, per_channel, False, weight, activation, data, [],
-                                 list(config.exclude_nodes) + list(float_nodes), list(config.op_types), options)
-        quantizer.quantize_model()
-        toposort(quantizer.model.model.graph)
-        return Model(quantizer.model.model, model.path)
+        return build_qdq(prepared, config, ranges, exclude=float_nodes)
 
     method, scores = config.method, None
     if auto:
@@ -142,6 +107,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     result = qdq(cal.ranges)
     if config.coverage == "measured":  # which nodes stay float for speed, by measured kernel time (quantize/coverage.py)
         result, coverage = choose_for(prepared, calib, config, lambda float_nodes: qdq(cal.ranges, float_nodes))
+    if config.rounding == "adaround":
+        repairs["adaround"] = adaround(prepared, result, calib, batch_size=config.batch_size, max_samples=min(config.max_samples or 512, 512))
     if config.bias_correction:
         repairs["bias_correction"] = correct_bias(prepared, result, calib, batch_size=config.batch_size,
                                                   max_samples=min(config.max_samples or 512, 512))
@@ -160,6 +127,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     summary.warnings.extend(cal.warnings)
     if config.coverage == "measured":
         annotate(summary, coverage)
+    if head is not None:
+        explain_head(summary, head)
     return result, summary, cal
 
 
@@ -216,6 +185,8 @@ def _repair_notes(repairs: dict) -> list[str]:
         notes.append(f"SmoothQuant ({how}) moved activation outliers into the weights of {sq['activations']} MatMul/Gemm inputs")
     if "weight_range" in repairs:
         notes.append(f"weight range setting (mse) clipped {repairs['weight_range']['weights_clipped']} weights to their error-minimising range")
+    if "adaround" in repairs:
+        notes.append(describe(repairs["adaround"]))
     if "bias_correction" in repairs:
         notes.append(f"bias correction shifted the biases of {repairs['bias_correction']} layers by their mean output error on calibration data")
     return notes
@@ -246,12 +217,12 @@ def _choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Ob
 
 
 def output_sqnr(expected: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    """Mean over float outputs of 10·log10(Σ ref² / Σ (ref − q)²), in dB (capped at 200 for exact outputs)."""
+    """Mean over float outputs of their SQNR, 10·log10(Σ ref² / Σ (ref − q)²) in dB (`edgeq.sqnr`)."""
     values = []
     for k in range(len(expected[0])):
         if expected[0][k].dtype.kind != "f":
             continue
         signal = sum(float(np.sum(np.square(e[k], dtype=np.float64))) for e in expected)
         noise = sum(float(np.sum(np.square(e[k].astype(np.float64) - g[k]))) for e, g in zip(expected, got))
-        values.append(200.0 if noise == 0 else min(200.0, 10 * np.log10(max(signal, 1e-300) / noise)))
+        values.append(sqnr_db(signal, noise))
     return float(np.mean(values)) if values else 0.0

@@ -17,6 +17,7 @@ from edgeq.model import Model, opset_of, ort_session
 from edgeq.quantize.repair.graph import Names, all_graphs
 
 PER_CHANNEL_OPSET = 13
+INT4_OPSET = 21  # int4 QuantizeLinear/DequantizeLinear are standard ONNX from opset 21
 
 
 def constants_to_initializers(proto: onnx.ModelProto) -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import html
 import io
 
+from edgeq.sqnr import BROKEN_SQNR_DB
+
 COLOURS = {"meets": "#1a7f37", "misses": "#cf222e", "fp32": "#57606a", "front": "#0969da"}
-STATUS_COLOURS = {"met": "#1a7f37", "fp16": "#9a6700", "not-met": "#cf222e"}
+STATUS_COLOURS = {"met": "#1a7f37", "fp16": "#9a6700", "fp32": "#9a6700", "not-met": "#cf222e"}
 
 
 def pareto_front(candidates: list[dict]) -> list[str]:
@@ -61,7 +63,7 @@ def tradeoff_chart(candidates: list[dict], budget: float, metric: str) -> str:
     return _svg(fig)
 
 
-def sensitivity_chart(sensitivity: list[dict], broken_below: float = 20.0, top: int = 40) -> str:
+def sensitivity_chart(sensitivity: list[dict], broken_below: float = BROKEN_SQNR_DB, top: int = 40) -> str:
     """Horizontal bars: output SQNR with only this layer INT8 (short bar = sensitive) and with only it float."""
     from edgeq.report import pyplot
 
@@ -131,6 +133,7 @@ tr.unsupported td{{color:#cf222e}}tr.float td{{color:#9a6700}}figure{{margin:1.2
 <h1>{esc(report['title'])}</h1>
 <p class="verdict" id="verdict">{esc(v['summary'])}</p>
 <ul id="reasons">{reasons}</ul>
+{f'<p id="metric-note">{esc(report["metric_note"])}</p>' if report.get("metric_note") else ""}
 <p id="evaluations">Evaluations: <b>{report['evaluations']}</b> — {esc(report.get('evaluations_note', ''))}</p>
 <h2>Candidates</h2>
 <figure id="tradeoff">{chart}</figure>

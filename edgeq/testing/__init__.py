@@ -1,1 +1,2 @@
-"""Fixtures for tests, benchmarks and the demo: real models and data built from installed packages."""
+"""Fixtures built by our code for tests, benches and the README shots: models and data from installed packages, a
+browser; the product never imports them."""

@@ -280,7 +280,7 @@ def _line(rng: random.Random, draw, font, room: int, most: int) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _words() -> tuple[str, ...]:
-    from edgeq.zoo import sample_sentences
+    from edgeq.testing.zoo import sample_sentences
 
     words = {w.strip(".,;:!?\"'()`") for s in sample_sentences(400) for w in s.split()}
     return tuple(sorted(w for w in words if w.isalpha() and 2 <= len(w) <= 12))

