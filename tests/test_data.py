@@ -85,3 +85,18 @@ def test_npy_folder_counts_stacks_and_single_samples_as_the_model_sees_them(tmp_
     assert data.samples(NCHW) == 6 == sum(b.size for b in batches(data, NCHW, batch_size=4))
     np.save(tmp_path / "2.npy", np.zeros((16, 24), np.float32))  # fits neither: unknown, and batching says why
     assert edgeq.Dataset.from_npy_dir(tmp_path).samples(NCHW) is None
+
+
+def test_a_list_an_array_or_a_generator_is_a_dataset_and_a_spent_generator_says_so():
+    chunks = [{"x": np.full((4, 3), i, np.float32)} for i in range(3)]
+    listed = edgeq.Dataset(chunks)
+    assert [b.size for b in listed.chunks()] == [4, 4, 4]
+    assert [b.size for b in listed.chunks()] == [4, 4, 4]  # a list is read again for a second pass
+    whole = edgeq.Dataset(np.zeros((10, 3), np.float32))  # one array: one chunk of 10 samples, not 10 chunks
+    assert [b.size for b in whole.chunks()] == [10]
+    once = edgeq.Dataset(c for c in chunks)
+    assert sum(b.size for b in once.chunks()) == 12
+    with pytest.raises(edgeq.errors.DataError, match="one-shot iterator"):
+        next(once.chunks())
+    with pytest.raises(edgeq.errors.DataError, match="must be an iterable"):
+        edgeq.Dataset(3)

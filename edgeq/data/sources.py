@@ -32,12 +32,26 @@ class Dataset:
     (10, 10)
     """
 
-    source: Callable[[], Iterable[Any]]
+    source: Callable[[], Iterable[Any]] | Iterable[Any]
     transform: Callable[[Any], Any] | None = None
     length: int | None = None
     description: str = "data"
     notes: list[str] = field(default_factory=list)
     counter: Callable[[list[TensorSpec]], int | None] | None = None  # for sources whose count needs the model
+
+    def __post_init__(self) -> None:
+        if callable(self.source):
+            return
+        items = self.source
+        if not isinstance(items, (Iterable, Batch)):
+            raise DataError(f"{self.description}: a Dataset source must be an iterable or a function returning one, "
+                            f"not {type(items).__name__}", "pass a list of samples, or a function that yields them")
+        if isinstance(items, (np.ndarray, dict, Batch)):  # one chunk of samples, not an iterable of chunks
+            self.source = lambda: [items]
+        elif iter(items) is items:  # a generator or other one-shot iterator: calibration and validation read it once
+            self.source = _OneShot(items, self.description)
+        else:  # a list, tuple or other re-iterable collection
+            self.source = lambda: items
 
     def samples(self, specs: list[TensorSpec]) -> int | None:
         """How many samples the model will see: the known length, or (a folder of .npy files, each one sample or a
@@ -156,3 +170,17 @@ def open_data(spec: str | Path, preset: ImagePreset | str = "raw") -> Dataset:
     if any(p.is_dir() for p in entries) or any(p.suffix.lower() in IMAGE_SUFFIXES for p in entries):
         return Dataset.from_image_dir(path, preset)
     raise DataError(f"data folder {path} is empty or holds nothing edgeq can read", "put .npy files or DIR/<class>/*.png images in it")
+
+
+class _OneShot:
+    """A one-shot iterator as a Dataset source: the first pass reads it; a second pass says why it cannot."""
+
+    def __init__(self, items: Iterator[Any], description: str) -> None:
+        self.items, self.description, self.used = items, description, False
+
+    def __call__(self) -> Iterator[Any]:
+        if self.used:
+            raise DataError(f"{self.description}: the dataset's source is a one-shot iterator (a generator) that was "
+                            "already read once", "pass a list, or a function that returns a fresh iterator each call")
+        self.used = True
+        return self.items
