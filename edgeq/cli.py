@@ -222,7 +222,8 @@ def validate(
     outputs: Annotated[Optional[str], typer.Option(help="Comma-separated outputs to score (default: every output).")] = None,
     task: Annotated[str, typer.Option(help="auto (a detector head with --reference: detect), detect, or raw (tensor metrics).")] = "auto",
     decoder: Annotated[Optional[str], typer.Option(help="With --task detect: yolo, yolov5, ssd, picodet or module:function (default: by head shape).")] = None,
-    score_threshold: Annotated[float, typer.Option(help="With --task detect: boxes scoring below this are dropped.")] = 0.25,
+    labels: Annotated[Optional[Path], typer.Option(help="With --task detect: ground-truth boxes (.npz boxes/classes/image/images, or COCO .json) for mAP.")] = None,
+    score_threshold: Annotated[Optional[float], typer.Option(help="With --task detect: boxes scoring below this are dropped (default 0.25; 0.001 for mAP).")] = None,
     iou: Annotated[Optional[float], typer.Option(help="With --task detect: NMS IoU (default 0.45 yolo/yolov5, 0.5 ssd/picodet).")] = None,
     preset: Preset = "raw",
     force: Force = False,
@@ -231,7 +232,7 @@ def validate(
     from edgeq import atomic
     from edgeq.evaluate import print_validation, validate as run_validate
 
-    atomic.check_writable(output, force=force, protect=(model, data, reference))
+    atomic.check_writable(output, force=force, protect=(model, data, reference, labels))
     import edgeq
 
     names = [n.strip() for n in outputs.split(",") if n.strip()] if outputs is not None else None
@@ -242,9 +243,9 @@ def validate(
     if task not in ("auto", "detect", "raw"):
         raise UserError(f"--task {task} is not a task", "use auto, detect or raw")
     head = detector_head(model) if task != "detect" else None
-    if task == "detect" or (task == "auto" and head and reference is not None and names is None):
+    if task == "detect" or (task == "auto" and head and (reference or labels) is not None and names is None):
         record = validate_detection(model, edgeq.open_data(data, preset), reference, decoder=decoder,
-                                    score_threshold=score_threshold, iou=iou, batch_size=batch_size)
+                                    score_threshold=score_threshold, iou=iou, batch_size=batch_size, labels=labels)
     else:
         record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size, outputs=names)
         if head:

@@ -56,10 +56,10 @@ def test_validate_recognises_the_yolo_head_and_fp16_keeps_the_boxes(nudenet, tmp
 
 
 @pytest.mark.slow
-def test_detection_needs_a_reference(nudenet, tmp_path) -> None:
+def test_detection_needs_labels_or_a_reference(nudenet, tmp_path) -> None:
     fp32, _, images = nudenet
     done = _cli("validate", str(fp32), "--data", str(images), "--task", "detect", "-o", "x.json", cwd=tmp_path)
-    assert done.returncode == 2 and "pass --reference FP32_MODEL" in done.stderr
+    assert done.returncode == 2 and "pass --labels BOXES (.npz or COCO .json) or --reference FP32_MODEL" in done.stderr
     assert not (tmp_path / "x.json").exists()
 
 

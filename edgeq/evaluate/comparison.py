@@ -11,6 +11,7 @@ import numpy as np
 
 from edgeq.decide import SHIP, TRY_QAT, DecisionRule, Verdict, decide
 from edgeq.errors import UserError
+from edgeq.evaluate.detection.pooled import paired_map_drop, table_of_record
 from edgeq.evaluate.metrics import METRICS, MetricInfo
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.render import format_value
@@ -40,6 +41,10 @@ def read_validation(path: Path | str) -> dict:
     if missing:
         raise UserError(f"{path} is not an edgeq validation record (missing {', '.join(missing)})", rerun)
     info = METRICS.get(record["metric"])
+    if info and info.pooled:
+        if not isinstance(record.get("detections"), dict) or record["detections"].get("images") != record["samples"]:
+            raise UserError(f"{path} has no per-image detections for its metric {record['metric']!r}", f"re-run validation: {rerun}")
+        return record
     values = record["per_sample"].get(info.samples) if info and isinstance(record["per_sample"], dict) else None
     if not isinstance(values, list) or len(values) != record["samples"]:
         raise UserError(f"{path} has no per-sample results for its metric {record['metric']!r}", f"re-run validation: {rerun}")
@@ -95,9 +100,13 @@ def compare(base: dict | ValidationRecord, candidate: dict | ValidationRecord, r
     base, cand = _as_dict(base), _as_dict(candidate)
     _check_comparable(base, cand)
     info = METRICS[base["metric"]]
-    diff = _paired_drop(base, cand, info)
-    drop = round(float(diff.mean()), 9) + 0.0 if len(diff) else math.nan  # no float dust (or -0.0) at a threshold
-    drop_ci = contain(Estimate(drop, bootstrap_ci(lambda d: d.mean(axis=1), diff))).ci95
+    if info.pooled:
+        drop, drop_ci = _pooled_drop(base, cand, info)
+        diff = np.zeros(int(base["samples"]))  # the paired samples behind the drop: every image
+    else:
+        diff = _paired_drop(base, cand, info)
+        drop = round(float(diff.mean()), 9) + 0.0 if len(diff) else math.nan  # no float dust (or -0.0) at a threshold
+        drop_ci = contain(Estimate(drop, bootstrap_ci(lambda d: d.mean(axis=1), diff))).ci95
     if base["metric"] == "perplexity":  # paired nll difference → relative perplexity increase in percent
         drop, drop_ci = _relative_ppl(drop), (_relative_ppl(drop_ci[0]), _relative_ppl(drop_ci[1]))
     within = bool(drop_ci[0] <= 0 <= drop_ci[1])
@@ -132,7 +141,7 @@ def _check_comparable(base: dict, cand: dict) -> None:
     fix = "validate both models on the same data (and the same --reference) and compare those results"
     if base["metric"] != cand["metric"]:
         raise UserError(f"the base measures {base['metric']} and the candidate {cand['metric']}", fix)
-    if base["metric"] not in METRICS or METRICS[base["metric"]].samples is None:
+    if base["metric"] not in METRICS or (METRICS[base["metric"]].samples is None and not METRICS[base["metric"]].pooled):
         raise UserError(f"cannot compare on metric {base['metric']!r}", "validate with a current edgeq and compare again")
     if base["samples"] != cand["samples"]:
         raise UserError(f"the base was validated on {base['samples']} samples and the candidate on {cand['samples']}", fix)
@@ -147,6 +156,19 @@ def _paired_drop(base: dict, cand: dict, info: MetricInfo) -> np.ndarray:
     sign = 1.0 if info.higher_is_better else -1.0
     d = sign * (b - c) * info.scale * info.points
     return d[np.isfinite(d)]
+
+
+def _pooled_drop(base: dict, cand: dict, info: MetricInfo) -> tuple[float, tuple[float, float]]:
+    """mAP drop in points on the same bootstrap resamples of images for both models (positive = worse)."""
+    (base_table, base_truth), (cand_table, cand_truth) = (table_of_record(r["detections"]) for r in (base, cand))
+    if base_truth.shape != cand_truth.shape or not np.array_equal(base_truth, cand_truth):
+        raise UserError("the base and the candidate were scored on different ground-truth boxes",
+                        "validate both models with the same --labels file and compare those results")
+    column = 0 if base["metric"] == "map50" else 1
+    point, draws = paired_map_drop(base_table, cand_table)
+    drop = round(float(point[column]) * info.points, 9) + 0.0
+    lo, hi = np.nanpercentile(draws[:, column] * info.points, [2.5, 97.5])
+    return drop, contain(Estimate(drop, (float(lo), float(hi)))).ci95
 
 
 def _agreement(base: dict, cand: dict) -> Estimate | None:

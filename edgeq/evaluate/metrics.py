@@ -17,6 +17,7 @@ class MetricInfo:
     higher_is_better: bool = True
     points: float = 1.0
     unit: str = ""
+    pooled: bool = False       # recomputed from the record's per-image detections (mAP), not a mean of per-sample values
 
 
 METRICS = {
@@ -39,4 +40,7 @@ METRICS = {
     "box_precision": MetricInfo("box_precision", points=100),
     "box_recall": MetricInfo("box_recall", points=100),
     "matched_iou": MetricInfo("matched_iou", points=100),
+    # Detection on ground truth: COCO mAP, pooled over images (edgeq.evaluate.detection.pooled).
+    "map50": MetricInfo(None, points=100, pooled=True),
+    "map50_95": MetricInfo(None, points=100, pooled=True),
 }

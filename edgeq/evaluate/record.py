@@ -38,6 +38,7 @@ class ValidationRecord:
     outputs: list[dict] = field(default_factory=list)
     worst: dict | None = None
     thresholds: dict | None = None
+    detections: dict | None = None  # labelled detection: per-image boxes and ground truth, for compare's paired mAP
 
     @property
     def value(self) -> float:
@@ -65,4 +66,5 @@ class ValidationRecord:
             "data_fingerprint": self.data_fingerprint,
             "nonfinite": dict(self.nonfinite), "warnings": list(self.warnings),
             "outputs": list(self.outputs), "worst": self.worst, "thresholds": self.thresholds,
+            "detections": self.detections,
         }

@@ -60,16 +60,17 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshol
     span = float(np.abs(boxes).max()) * 2 + 1
     shifted = boxes + (np.asarray(classes, np.float64) * span)[:, None]
     candidates = shifted[order]
-    overlaps = iou_matrix(candidates, candidates) > iou_threshold
     alive = np.ones(len(order), bool)
     kept: list[int] = []
-    for i in range(len(order)):
+    for i in range(len(order)):  # one row of IoUs per kept box: at most max_detections rows, not a full matrix
         if not alive[i]:
             continue
         kept.append(i)
         if len(kept) >= max_detections:
             break
-        alive[i + 1:] &= ~overlaps[i, i + 1:]
+        rest = np.flatnonzero(alive[i + 1:]) + i + 1
+        if len(rest):
+            alive[rest[iou_matrix(candidates[i:i + 1], candidates[rest])[0] > iou_threshold]] = False
     return order[np.asarray(kept, np.int64)]
 
 

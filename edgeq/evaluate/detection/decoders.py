@@ -25,6 +25,7 @@ Decoder = Callable[..., list[Detections]]
 # NMS IoU defaults: YOLOv5's 0.45 for the YOLO heads, rapid_layout's/PaddleDetection's 0.5 for PicoDet, 0.5 for SSD.
 DEFAULT_IOU = {"yolo": 0.45, "yolov5": 0.45, "ssd": 0.5, "picodet": 0.5}
 DEFAULT_SCORE = 0.25
+MAP_SCORE = 0.001  # mAP integrates the whole precision-recall curve: Ultralytics' and COCO's evaluation threshold
 DEFAULT_MAX_DETECTIONS = 300
 _MAX_CLASSES = 1000
 
