@@ -154,7 +154,7 @@ def test_gptq_beats_rtn_on_the_calibration_output_error():
 
 def test_bad_settings_are_user_errors():
     model = _matmul_model(64, 8)
-    with pytest.raises(ConfigError, match="block size"):
+    with pytest.raises(ConfigError, match="not a valid block_size"):
         edgeq.quantize(model, edgeq.Int4WeightOnly(block_size=24))
     with pytest.raises(DataError, match="calibration"):
         edgeq.quantize(model, edgeq.Int4WeightOnly(algorithm="gptq"))

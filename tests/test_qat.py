@@ -193,13 +193,14 @@ def test_early_stop_restores_the_best_state(trained, digits):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"config": edgeq.Int8Static(weight_bits=3)}, "weight_bits"),
     ({"config": edgeq.Fp16()}, "static recipe"),
     ({"calib": None}, "calibration data"),
     ({"calib": np.zeros((0, 1, 8, 8), np.float32)}, "non-empty"),
     ({"calib": {"a": np.zeros((4, 1, 8, 8), np.float32), "b": np.zeros((4, 1, 8, 8), np.float32)}}, "one input"),
 ])
 def test_bad_arguments_are_user_errors(trained, digits, kwargs, message):
+    with pytest.raises(edgeq.errors.ConfigError, match="weight_bits"):  # the config refuses it when it is made
+        edgeq.Int8Static(weight_bits=3)
     args = {"config": edgeq.Int8Static(), "calib": digits[0][:64]} | kwargs
     with pytest.raises(UserError, match=message):
         qat.prepare(trained, args["config"], calib=args["calib"])

@@ -1,4 +1,5 @@
 """INT8 static/dynamic on small models built in code: what gets quantized, preparation of messy graphs, fidelity."""
+import json
 import numpy as np
 import onnx
 import pytest
@@ -112,3 +113,27 @@ def test_excluded_node_stays_float_and_is_listed(conv_model_path, calib):
     q = edgeq.quantize(edgeq.load(conv_model_path), edgeq.Int8Static(exclude_nodes=("conv2",)), calib=calib)
     assert q.summary.quantized == {"Conv": 1, "Gemm": 1}
     assert [d["node"] for d in q.summary.left_float] == ["conv2"]
+
+
+def test_configs_check_themselves_round_trip_as_dicts_and_the_summary_records_the_recipe():
+    from edgeq.errors import ConfigError
+    from edgeq.quantize.config import RECIPES, Recipe
+
+    for bad in (dict(method="magic"), dict(activation_type="int16"), dict(weight_bits=3), dict(rounding="up"),
+                dict(percentile=20.0), dict(smoothquant=1.5), dict(batch_size=0), dict(detection_head="never")):
+        with pytest.raises(ConfigError):
+            edgeq.Int8Static(**bad)
+    with pytest.raises(ConfigError, match="not a valid algorithm"):
+        edgeq.Int4WeightOnly(algorithm="magic")
+    for kind in RECIPES.values():
+        config = kind()
+        assert Recipe.from_dict(config.to_dict()) == config
+    custom = edgeq.Int8Static(method="minmax", exclude_nodes=["conv1"], weight_bits=4)
+    assert custom.exclude_nodes == ("conv1",)  # lists from JSON or the CLI become tuples (hashable, frozen)
+    assert Recipe.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
+    with pytest.raises(ConfigError, match="no field colour"):
+        Recipe.from_dict({"kind": "Fp16", "colour": "red"})
+    with pytest.raises(ConfigError, match="unknown recipe kind"):
+        Recipe.from_dict({"kind": "Int2"})
+    q = edgeq.quantize(edgeq.Model(make_conv_model()), edgeq.Fp16())
+    assert q.summary.recipe == edgeq.Fp16().to_dict() and q.summary.to_dict()["recipe"]["kind"] == "Fp16"

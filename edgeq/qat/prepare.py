@@ -59,13 +59,11 @@ def prepare(model: nn.Module, config: Int8Static | None = None, calib: Any = Non
     >>> edgeq.qat.export(qat, "model_qat.onnx")                                                             # doctest: +SKIP
     """
     from edgeq.data import Dataset
-    from edgeq.quantize.int8 import WEIGHT_BITS, quantize_static
+    from edgeq.quantize.int8 import quantize_static
 
     config = config or Int8Static()
     if not isinstance(config, Int8Static):
         raise ConfigError(f"QAT follows the static recipe; got {type(config).__name__}", "pass edgeq.Int8Static(...)")
-    if config.weight_bits not in WEIGHT_BITS:
-        raise ConfigError(f"QAT takes weight_bits 8 or 4, not {config.weight_bits!r}", "use 8 (INT8) or 4 (W4A8)")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"prepare needs a torch.nn.Module, got {type(model).__name__}", "pass the model object")
     name, x = calib_arrays(calib, input_name)

@@ -1,7 +1,19 @@
-"""Recipes: a config object says what to produce; `edgeq.quantize` does it."""
+"""Recipes: a config object says what to produce; `edgeq.quantize` does it.
+
+Each config checks its own values when it is made (one clear ConfigError naming the field and its choices), and
+reads and writes itself as a plain dict (`to_dict` / `from_dict`), so summaries and reports record the exact recipe
+and a recipe saved as JSON makes the same model again. The vocabularies below are the one copy of each set of
+choices: the handlers and the CLI read them from here.
+"""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from edgeq.calibrate import METHODS
+from edgeq.errors import ConfigError
 
 # ONNX Runtime's CPU provider runs these in int8 after QDQ fusion. Elementwise ops (Add, Mul) and pooling
 # also have int8 kernels, but on real models (PP-OCR det, measured) quantizing them adds requantization work
@@ -19,9 +31,75 @@ FP16_BLOCK_OPS = ("Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "
                   "Pow", "Sqrt", "Exp", "Log", "Erf", "Range", "CumSum", "TopK", "NonMaxSuppression", "RoiAlign", "Resize",
                   "Upsample", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike")
 
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_BITS = (8, 4)
+STATIC_METHODS = (*METHODS, "auto")
+WEIGHT_RANGES = ("minmax", "mse")
+ROUNDINGS = ("nearest", "adaround")
+COVERAGES = ("measured", "all")
+HEAD_POLICIES = ("auto", "off")
+INT4_ALGORITHMS = ("auto", "rtn", "gptq", "awq")
+INT4_FORMATS = ("nbits", "qdq")
+INT4_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+class Recipe:
+    """What every config shares: validation on construction, and a plain-dict form (`kind` names the config)."""
+
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+
+    def __post_init__(self) -> None:
+        for name, allowed in self.CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{type(self).__name__}: {value!r} is not a valid {name}",
+                                  f"use one of: {', '.join(map(str, allowed))}")
+        for f in dataclasses.fields(self):  # sequences of names arrive as lists from JSON and the CLI
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Checks beyond a choice from a list (ranges, combinations); none by default."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON types, `kind` first.
+
+        >>> Int8Static(method="minmax").to_dict()["method"], Int8Static().to_dict()["kind"]
+        ('minmax', 'Int8Static')
+        """
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"kind": type(self).__name__, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Recipe":
+        """The config a `to_dict` wrote; unknown kinds or fields are a ConfigError.
+
+        >>> Recipe.from_dict(Int8Static(weight_bits=4).to_dict()) == Int8Static(weight_bits=4)
+        True
+        """
+        values = dict(values)
+        kind = values.pop("kind", cls.__name__ if cls is not Recipe else None)
+        target = RECIPES.get(kind)
+        if target is None or (cls is not Recipe and target is not cls):
+            raise ConfigError(f"unknown recipe kind {kind!r}", f"use one of: {', '.join(RECIPES)}")
+        names = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"{kind} has no field {', '.join(unknown)}", f"its fields are: {', '.join(sorted(names))}")
+        return target(**values)
+
+
+def _positive_int(config: Recipe, name: str, allow_none: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{type(config).__name__}.{name} must be a whole number >= 1, not {value!r}", f"give {name} >= 1 (--{name.replace('_', '-')} on the command line)")
+
 
 @dataclass(frozen=True)
-class Fp16:
+class Fp16(Recipe):
     """Weights and activations in float16; inputs/outputs stay float32 unless `keep_io_types` is False.
 
     >>> edgeq.quantize(model, edgeq.Fp16(block_ops=edgeq.Fp16().block_ops + ("Sigmoid",)))   # doctest: +SKIP
@@ -35,7 +113,7 @@ class Fp16:
 
 
 @dataclass(frozen=True)
-class Int8Dynamic:
+class Int8Dynamic(Recipe):
     """Int8 weights (per channel where the op allows), activations quantized at run time.
 
     `op_types` adds ops; including Conv is allowed but reported with its measured slowdown.
@@ -50,7 +128,7 @@ class Int8Dynamic:
 
 
 @dataclass(frozen=True)
-class Int8Static:
+class Int8Static(Recipe):
     """Static INT8 in QDQ format: int8 symmetric weights (per channel by default), activation ranges calibrated.
 
     activation_type "uint8" (asymmetric) is the fast path on x86 (VNNI u8×s8); "int8" suits NPUs that want it.
@@ -95,10 +173,23 @@ class Int8Static:
 
     precision = "int8"
     mode = "static"
+    CHOICES: ClassVar[dict[str, tuple]] = {"method": STATIC_METHODS, "activation_type": ACTIVATION_TYPES, "weight_bits": WEIGHT_BITS,
+                                           "weight_range": WEIGHT_RANGES, "rounding": ROUNDINGS, "coverage": COVERAGES,
+                                           "detection_head": HEAD_POLICIES}
+
+    def check(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile {self.percentile} is out of range", "give a value in (50, 100], e.g. 99.99")
+        alpha = self.smoothquant
+        if alpha is not None and alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+            raise ConfigError(f"smoothquant alpha {alpha!r} is out of range", "give a migration strength in (0, 1), e.g. 0.5, or auto")
+        for name in ("batch_size", "threads"):
+            _positive_int(self, name)
+        _positive_int(self, "max_samples", allow_none=True)
 
 
 @dataclass(frozen=True)
-class Int4WeightOnly:
+class Int4WeightOnly(Recipe):
     """INT4 weights in blocks of `block_size` along the reduction axis (a scale per block, and a zero point when
     asymmetric); activations stay float. `algorithm` "auto" (default) is "gptq" with calibration data, "rtn" without;
     "rtn" rounds to nearest; "gptq" needs calibration data and
@@ -133,3 +224,17 @@ class Int4WeightOnly:
 
     precision = "int4"
     mode = "weight-only"
+    CHOICES: ClassVar[dict[str, tuple]] = {"block_size": INT4_BLOCK_SIZES, "algorithm": INT4_ALGORITHMS, "format": INT4_FORMATS,
+                                           "accuracy_level": (0, 1, 2, 3, 4)}
+
+    def check(self) -> None:
+        if not (math.isfinite(self.damp) and self.damp >= 0):
+            raise ConfigError(f"damp {self.damp!r} must be a finite number >= 0", "give e.g. damp=0.01")
+        for name in ("batch_size", "threads"):
+            _positive_int(self, name)
+        _positive_int(self, "max_samples", allow_none=True)
+        if isinstance(self.int8_auto, bool) or not isinstance(self.int8_auto, int) or self.int8_auto < 0:
+            raise ConfigError(f"int8_auto must be a whole number >= 0, not {self.int8_auto!r}", "give the number of layers to keep at INT8")
+
+
+RECIPES: dict[str, type[Recipe]] = {c.__name__: c for c in (Fp16, Int8Dynamic, Int8Static, Int4WeightOnly)}

@@ -33,7 +33,6 @@ import onnx
 from edgeq.model import Model
 from edgeq.timing import Speedup, interleaved_round_ms
 
-COVERAGES = ("measured", "all")
 MAX_PASSES = 4
 # Measurement budget, scaled by one run's latency so that a large model costs seconds, not minutes.
 PROFILE_SECONDS, PROFILE_RUNS = 0.5, (3, 20)

@@ -37,7 +37,6 @@ DECODE_OPS = frozenset({"Concat", "Sigmoid", "Softmax", "Mul", "Div", "Add", "Su
 SHAPE_OPS = frozenset({"Shape", "Size", "Constant"})  # walked into, never through: they read no values
 LAST_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 SCORE_OPS = frozenset({"Sigmoid", "Softmax"})
-HEAD_POLICIES = ("auto", "off")
 # On YOLOv8n (nudenet, 320x320, 1 thread) quantizing these with the convolutions took static INT8 from 0.70x to
 # 0.51x the FP32 latency at the same box F1 (bench/detect.py): SiLU as float ops broke every int8 chain.
 DETECTOR_BACKBONE_OPS = ("Sigmoid", "Mul", "Add", "Concat", "Split", "Resize")
@@ -164,8 +163,6 @@ def protect_head(proto: onnx.ModelProto, config):
     the backbone's element-wise activations (SiLU's Sigmoid·Mul, residual Add, Concat, Split, Resize) quantized
     too, so int8 chains are not broken by float round trips; and the plan, or (config, None) when no head is found
     or `config.detection_head` is "off"."""
-    if config.detection_head not in HEAD_POLICIES:
-        raise ConfigError(f"unknown detection_head policy {config.detection_head!r}", f"use one of: {', '.join(HEAD_POLICIES)}")
     plan = find_head(proto) if config.detection_head == "auto" else None
     if plan is None:
         return config, None

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK_SIZES = (16, 32, 64, 128)
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:

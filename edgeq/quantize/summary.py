@@ -22,6 +22,7 @@ class QuantSummary:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     calibration: dict | None = None
+    recipe: dict | None = None  # the config that made the model (its `to_dict()`): Recipe.from_dict makes it again
 
     def to_dict(self) -> dict:
         return asdict(self)

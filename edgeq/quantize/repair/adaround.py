@@ -33,7 +33,6 @@ from edgeq.quantize.repair.graph import attr
 
 ZETA, GAMMA = 1.1, -0.1
 LAYER_TYPES = ("Conv", "Gemm", "MatMul")
-ROUNDINGS = ("nearest", "adaround")
 
 
 @dataclass(frozen=True)

