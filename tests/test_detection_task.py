@@ -82,3 +82,11 @@ def test_compare_never_ships_a_detector_below_box_f1_0_9() -> None:
     result = compare(base, worse, lax)
     assert worse.metrics["box_f1"].value < 0.9
     assert result.verdict == "try-qat" and any("below 0.9" in r for r in result.reasons)
+
+
+def test_labels_for_another_number_of_images_are_a_user_error(nudenet, tmp_path) -> None:
+    fp32, _, images = nudenet  # 4 images
+    np.savez(tmp_path / "boxes.npz", boxes=np.array([[1.0, 1, 9, 9]]), classes=np.array([0]), image=np.array([0]), images=np.int64(2))
+    done = _cli("validate", str(fp32), "--data", str(images), "--labels", str(tmp_path / "boxes.npz"), "-o", "x.json", cwd=tmp_path)
+    assert done.returncode == 2 and "the labels hold 2 images but the data 4" in done.stderr
+    assert not (tmp_path / "x.json").exists()
