@@ -34,7 +34,7 @@ from edgeq.quantize.config import Fp16
 from edgeq.quantize.fp16_plan import Plan, make_plan
 from edgeq.quantize.fp16_rewrite import Stats, rewrite
 from edgeq.quantize.fp16_types import node_domain, opset_versions, ort_has_fp16_kernel, tensor_types
-from edgeq.quantize.prepare import constants_to_initializers
+from edgeq.quantize.prepare import working_copy
 from edgeq.quantize.subgraphs import merge, quantize_bodies
 from edgeq.quantize.summary import QuantSummary
 
@@ -54,12 +54,7 @@ def convert_fp16(model: Model, config: Fp16) -> tuple[Model, QuantSummary]:
     (62, "constant 'batch_norm_0.w_2' holds 9.79e+07, beyond float16's range (±65504): it would become inf or be clamped")
     >>> fp16.save("ppocr_det_fp16.onnx")                                                 # doctest: +SKIP
     """
-    source = onnx.ModelProto()
-    source.CopyFrom(model.proto)
-    notes: list[str] = []
-    moved = constants_to_initializers(source)
-    if moved:
-        notes.append(f"moved {moved} Constant-node tensors to initializers")
+    source, notes = working_copy(model)
     types, warnings = tensor_types(source)
     inside = quantize_bodies(source, source, functools.partial(_convert_body, config=config))
     rejected: dict[str, str] = {}
