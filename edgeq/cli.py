@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +14,8 @@ import typer
 from rich.console import Console
 
 from edgeq import interrupts
+from edgeq.cli_options import (ActivationType, Algorithm, Coverage, Force, Int4Format, Method, Mode, Precision, Preset,
+                                Rounding, WeightRange, parse_int8_layers, qat_flags, smoothquant_alpha)
 from edgeq.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -23,67 +24,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console(width=None if sys.stdout.isatty() else 120)
 
 
-class Precision(str, Enum):
-    fp16 = "fp16"
-    int8 = "int8"
-    int4 = "int4"
-
-
-class Mode(str, Enum):
-    dynamic = "dynamic"
-    static = "static"
-
-
-class Method(str, Enum):
-    minmax = "minmax"
-    percentile = "percentile"
-    entropy = "entropy"
-    mse = "mse"
-    auto = "auto"
-
-
-class WeightRange(str, Enum):
-    minmax = "minmax"
-    mse = "mse"
-
-
-class Rounding(str, Enum):
-    nearest = "nearest"
-    adaround = "adaround"
-
-
-class Algorithm(str, Enum):
-    auto = "auto"
-    rtn = "rtn"
-    gptq = "gptq"
-    awq = "awq"
-
-
-class Int4Format(str, Enum):
-    nbits = "nbits"
-    qdq = "qdq"
-
-
-class ActivationType(str, Enum):
-    uint8 = "uint8"
-    int8 = "int8"
-
-
-class Coverage(str, Enum):
-    measured = "measured"
-    all = "all"
-
-
 @app.callback()
 def _global_options(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars on stderr (drawn only on a terminal anyway).")] = False) -> None:
     from edgeq import progress
 
     progress.configure(quiet=quiet)
-
-
-Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
-Preset = Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey, with optional overrides, "
-                                                     "e.g. imagenet,size=256x256,layout=NHWC,mean=0.5/0.5/0.5.")]
 
 
 @app.command()
@@ -138,7 +83,7 @@ def quantize(
     elif precision is Precision.int4:
         config = cfg.Int4WeightOnly(block_size=block_size, symmetric=symmetric, algorithm=algorithm.value, format=int4_format.value,
                                     op_types=ops or ("MatMul", "Gemm"), embeddings=embeddings, exclude_nodes=tuple(exclude or ()),
-                                    max_samples=max_samples, **_int8_layers(int8_layers))
+                                    max_samples=max_samples, **parse_int8_layers(int8_layers))
         if algorithm in (Algorithm.gptq, Algorithm.awq) and calib is None:
             raise UserError(f"--algorithm {algorithm.value} needs calibration data", "pass --calib DATA (a few hundred sequences), or use --algorithm rtn")
         data = edgeq.open_data(calib, preset) if calib is not None else None
@@ -151,7 +96,7 @@ def quantize(
         config = cfg.Int8Static(method=method.value, percentile=percentile, per_channel=per_channel,
                                 activation_type=activation_type.value, op_types=ops or cfg.STATIC_OP_TYPES,
                                 exclude_nodes=tuple(exclude or ()), max_samples=max_samples, weight_range=weight_range.value,
-                                bias_correction=bias_correction, equalize=equalize, smoothquant=_smoothquant_alpha(smoothquant),
+                                bias_correction=bias_correction, equalize=equalize, smoothquant=smoothquant_alpha(smoothquant),
                                 coverage=coverage.value, threads=threads, rounding=rounding.value)
         data = edgeq.open_data(calib, preset)
     result = edgeq.quantize(source, config, calib=data)
@@ -159,26 +104,6 @@ def quantize(
     print_quant_summary(out, source, result, output)
     if summary_json:
         atomic.write_json(summary_json, result.summary.to_dict())
-
-
-def _int8_layers(spec: str | None) -> dict:
-    """--int8-layers: "first-last", "auto:N", names, or a mix, comma-separated."""
-    found: dict = {"int8_layers": (), "int8_first_last": False, "int8_auto": 0}
-    names = []
-    for item in (t.strip() for t in (spec or "").split(",")):
-        if not item:
-            continue
-        if item == "first-last":
-            found["int8_first_last"] = True
-        elif item.startswith("auto:"):
-            count = item.removeprefix("auto:")
-            if not count.isdigit():
-                raise UserError(f"--int8-layers {item!r}: the count after auto: must be a whole number", "write e.g. auto:2")
-            found["int8_auto"] = int(count)
-        else:
-            names.append(item)
-    found["int8_layers"] = tuple(names)
-    return found
 
 
 @app.command()
@@ -276,15 +201,6 @@ def compare(
         atomic.write_json(json_out, comparison.to_dict())
 
 
-def _smoothquant_alpha(text: str | None) -> float | str | None:
-    if text is None or text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"--smoothquant {text!r} is neither a number nor auto", "give an alpha in (0, 1), e.g. 0.5, or auto") from None
-
-
 @app.command()
 def qat(
     model: Annotated[str, typer.Argument(help="The model as MODULE:FACTORY (a function building the torch module).")],
@@ -376,22 +292,12 @@ def auto(
     from edgeq.executor import LocalPool
 
     qat_source = None
-    if _qat_flags(torch_model, weights=weights, train=train):
+    if qat_flags(torch_model, weights=weights, train=train):
         qat_source = QatSource(torch_model, weights, edgeq.open_data(train, preset), epochs=qat_epochs, lr=qat_lr)
     with LocalPool(workers) as pool:
         report = run_auto(model, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
                           executor=pool, force=force, threads=threads, max_float_layers=max_float_layers, qat=qat_source, console=out)
     print_auto(out, report, output)
-
-
-def _qat_flags(torch_model: str | None, **given: Path | None) -> bool:
-    """`auto`'s QAT inputs come together: --torch-model with --weights and --train, or none of them."""
-    for flag, value in given.items():
-        if torch_model is None and value is not None:
-            raise UserError(f"--{flag} is for QAT and needs --torch-model", f"name the PyTorch model with --torch-model MODULE:FACTORY, or leave out --{flag}")
-        if torch_model is not None and value is None:
-            raise UserError(f"--torch-model needs --{flag}", f"pass --{flag} " + {"weights": "PATH (its state dict)", "train": "DATA (labelled training data)"}[flag])
-    return torch_model is not None
 
 
 @app.command()

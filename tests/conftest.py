@@ -51,3 +51,13 @@ def conv_data(tmp_path):
     labels = rng.integers(0, 10, 200)
     np.savez(path, x=x, labels=labels)
     return path
+
+
+def make_candidate(name: str, kind: str = "int8", p50_ms: float | None = None, drop: float = 0.0, evaluation: int = 1,
+                   meets: bool = True, float_layers: tuple[str, ...] = (), method: str | None = None,
+                   size_mb: float | None = None):
+    """An `auto` candidate record as the search makes it (top-1 metric), for tests of the choice and the verdict."""
+    from edgeq.auto import Candidate, Recipe
+
+    return Candidate(name, f"{name}.onnx", Recipe(kind, tuple(float_layers), method), "top1", 100.0 - drop, [0.0, 0.0],
+                     evaluation, drop, [drop, drop], meets, size_mb=size_mb, p50_ms=p50_ms)

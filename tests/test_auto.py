@@ -2,6 +2,7 @@
 the refinement, the executor and the Pareto front."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 import edgeq
 from edgeq.executor import InProcess, LocalPool
-from tests.conftest import make_conv_model
+from tests.conftest import make_candidate, make_conv_model
 from edgeq.report.auto import pareto_front
 
 
@@ -80,9 +81,9 @@ def test_executors_agree():
 @pytest.mark.parametrize("needed,guess", [(5, 1), (1, 1), (3, 3), (30, 2), (2, 4)])
 def test_fallback_search_finds_the_fewest_layers_in_few_evaluations(monkeypatch, needed, guess):
     """A stand-in evaluator: the budget holds once the top `needed` ranked layers are float."""
-    auto_mod = importlib.import_module("edgeq.auto")
+    search_mod = importlib.import_module("edgeq.auto.search")
 
-    monkeypatch.setattr(auto_mod, "quantize_qdq", lambda prep, exclude=(): list(exclude))
+    monkeypatch.setattr(search_mod, "quantize_qdq", lambda prep, exclude=(): list(exclude))
     ranked = [f"layer{i}" for i in range(30)]
 
     class Search:
@@ -90,13 +91,15 @@ def test_fallback_search_finds_the_fewest_layers_in_few_evaluations(monkeypatch,
 
         def evaluate(self, cands):
             self.evaluations += 1
-            (name, layers, meta) = cands[0]
-            return [{"name": name, "drop": 0.5 if len(layers) >= needed else 3.0, "meets": len(layers) >= needed, **meta}]
+            (name, layers, recipe) = cands[0]
+            meets = len(layers) >= needed
+            return [make_candidate(name, drop=0.5 if meets else 3.0, meets=meets, float_layers=recipe.float_layers, method=recipe.method)]
 
     sens = [SimpleNamespace(node=n, only_quantized=SimpleNamespace(sqnr_db=5.0 if i < guess else 40.0)) for i, n in enumerate(ranked)]
     steps: list[dict] = []
     search = Search()
-    auto_mod._fallback_search(search, None, {"method": "mse", "drop": 3.0}, ranked, SimpleNamespace(sensitivity=sens), steps, lambda *a: None)
+    best = make_candidate("int8-mse", method="mse", drop=3.0, meets=False)
+    search_mod.fallback_search(search, None, best, ranked, SimpleNamespace(sensitivity=sens), steps, lambda *a: None)
     tried = {s["float_count"]: s["meets"] for s in steps if "float_count" in s}
     assert min(k for k, ok in tried.items() if ok) == needed
     assert tried.get(needed - 1, False) is False or needed == 1
@@ -110,56 +113,59 @@ def test_pareto_front_known_answer():
 
 
 def test_verdict_when_nothing_meets_the_budget_recommends_qat_or_fp16():
-    auto_mod = importlib.import_module("edgeq.auto")
+    from edgeq.auto.qat import qat_command
+    from edgeq.auto.verdict import assemble_verdict
+
     analysis = SimpleNamespace(sensitivity=[], outliers=[])
-    best = {"method": "mse", "drop": 5.0, "meets": False}
-    fp32 = {"name": "fp32", "kind": "fp32", "drop": 0.0, "meets": True, "size_mb": 4.0, "p50_ms": 2.0, "float_layers": []}
-    fp16 = {"name": "fp16", "kind": "fp16", "drop": 0.1, "meets": True, "size_mb": 2.0, "p50_ms": 1.6, "float_layers": []}
+    best = make_candidate("int8-mse", method="mse", drop=5.0, meets=False)
+    fp32 = make_candidate("fp32", "fp32", drop=0.0, size_mb=4.0, p50_ms=2.0)
+    fp16 = make_candidate("fp16", "fp16", drop=0.1, size_mb=2.0, p50_ms=1.6)
     search = SimpleNamespace(records={"fp32": fp32, "fp16": fp16}, evaluations=9)
     model = edgeq.Model(make_conv_model(), "models/net.onnx")
-    hint = auto_mod._qat_command(model, "data/val set.npz", edgeq.Int8Static(per_channel=False), "out")
+    hint = qat_command(model, "data/val set.npz", edgeq.Int8Static(per_channel=False), "out")
     assert "edgeq qat MODULE:FACTORY --weights WEIGHTS.pt --train TRAIN_DATA --val 'data/val set.npz' --per-tensor -o out/qat.onnx" in hint
     assert "net.onnx was exported from" in hint
-    v = auto_mod._verdict(fp16, [fp16], search, 1.0, 35, analysis, best, ["even all 35 layers in float miss the budget"], hint)
+    v = assemble_verdict(fp16, [fp16], search, 1.0, 35, analysis, best, ["even all 35 layers in float miss the budget"], hint)
     assert v["status"] == "fp16" and "no INT8 or mixed-precision model meets the budget" in v["summary"]
     assert hint in v["reasons"] and any("FP16: drop +0.10" in r for r in v["reasons"])
     assert "even all 35 layers in float miss the budget" in v["reasons"]
     assert v["reasons"][-1].startswith("9 evaluations")
-    fp16_bad = dict(fp16, drop=2.0, meets=False)
+    fp16_bad = dataclasses.replace(fp16, drop=2.0, meets=False)
     search.records["fp16"] = fp16_bad
-    v = auto_mod._verdict(fp32, [], search, 1.0, 35, analysis, best, [], hint)
+    v = assemble_verdict(fp32, [], search, 1.0, 35, analysis, best, [], hint)
     assert v["status"] == "not-met" and any("misses the budget" in r for r in v["reasons"])
 
 
 def test_choose_takes_the_fastest_structure_then_the_most_accurate_of_it():
-    auto_mod = importlib.import_module("edgeq.auto")
+    from edgeq.auto.search import choose
 
     def cand(name, floats, p50, drop, evaluation):
-        return {"name": name, "kind": "int8", "float_layers": floats, "p50_ms": p50, "drop": drop, "evaluation": evaluation}
+        return make_candidate(name, float_layers=floats, p50_ms=p50, drop=drop, evaluation=evaluation)
 
     plain, refined = cand("a-float1", ["x"], 5.0, 0.8, 3), cand("a-float1-bc", ["x"], 5.1, 0.2, 5)
     slower = cand("a-float2", ["x", "y"], 6.0, 0.0, 4)
-    assert auto_mod._choose([plain, refined, slower])["name"] == "a-float1-bc"    # same kernels: 0.1 ms is noise
-    assert auto_mod._choose([dict(plain, p50_ms=6.5), refined, slower])["name"] == "a-float1-bc"
-    assert auto_mod._choose([plain, slower])["name"] == "a-float1"
+    assert choose([plain, refined, slower]).name == "a-float1-bc"    # same kernels: 0.1 ms is noise
+    assert choose([dataclasses.replace(plain, p50_ms=6.5), refined, slower]).name == "a-float1-bc"
+    assert choose([plain, slower]).name == "a-float1"
 
 
 def test_fallback_search_respects_max_float_layers(monkeypatch):
-    auto_mod = importlib.import_module("edgeq.auto")
-    monkeypatch.setattr(auto_mod, "quantize_qdq", lambda prep, exclude=(): list(exclude))
+    search_mod = importlib.import_module("edgeq.auto.search")
+    monkeypatch.setattr(search_mod, "quantize_qdq", lambda prep, exclude=(): list(exclude))
     ranked = [f"layer{i}" for i in range(30)]
     tried = []
 
     class Search:
         def evaluate(self, cands):
-            (name, layers, meta) = cands[0]
+            (name, layers, recipe) = cands[0]
             tried.append(len(layers))
-            return [{"name": name, "drop": 3.0, "meets": len(layers) >= 5, **meta}]
+            return [make_candidate(name, drop=3.0, meets=len(layers) >= 5, float_layers=recipe.float_layers, method=recipe.method)]
 
     sens = [SimpleNamespace(node=n, only_quantized=SimpleNamespace(sqnr_db=5.0 if i == 0 else 40.0)) for i, n in enumerate(ranked)]
+    best = make_candidate("int8-mse", method="mse", drop=3.0, meets=False)
     for limit, expected in ((3, [1, 2, 3]), (0, [])):
         tried.clear()
         steps: list[dict] = []
-        auto_mod._fallback_search(Search(), None, {"method": "mse", "drop": 3.0}, ranked, SimpleNamespace(sensitivity=sens),
-                                  steps, lambda *a: None, max_float_layers=limit)
+        search_mod.fallback_search(Search(), None, best, ranked, SimpleNamespace(sensitivity=sens),
+                                   steps, lambda *a: None, max_float_layers=limit)
         assert tried == expected and "max_float_layers" in steps[-1]["result"]

@@ -2,7 +2,6 @@
 others, and the fastest candidate within the budget wins (issue 19, points 2 and 3)."""
 from __future__ import annotations
 
-import importlib
 import json
 from types import SimpleNamespace
 
@@ -11,7 +10,9 @@ import pytest
 
 import edgeq
 import edgeq.cli
-auto_mod = importlib.import_module("edgeq.auto")   # edgeq.auto the attribute is the function
+from edgeq.auto.search import choose
+from edgeq.auto.verdict import assemble_verdict, metric_note
+from tests.conftest import make_candidate
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +52,22 @@ def test_auto_on_unlabelled_data_scores_fidelity_to_the_fp32_model(unlabelled, c
     assert (out / "model.onnx").is_file() and "Metric: no labels" in (out / "report.html").read_text()
 
 
-def cand(name: str, kind: str, p50: float, drop: float, evaluation: int, meets: bool = True) -> dict:
-    return {"name": name, "kind": kind, "float_layers": [], "p50_ms": p50, "drop": drop, "meets": meets,
-            "size_mb": {"fp32": 4.0, "fp16": 2.0}.get(kind, 1.0), "evaluation": evaluation}
+def cand(name: str, kind: str, p50: float, drop: float, evaluation: int, meets: bool = True):
+    return make_candidate(name, kind, p50_ms=p50, drop=drop, evaluation=evaluation, meets=meets,
+                          size_mb={"fp32": 4.0, "fp16": 2.0}.get(kind, 1.0))
 
 
-def decide(records: list[dict]) -> tuple[dict, dict]:
-    search = SimpleNamespace(records={r["name"]: r for r in records}, evaluations=len(records))
-    meeting = [r for r in records if r["meets"]]
-    chosen = auto_mod._choose(meeting)
-    best = {"method": "mse", "drop": 0.4, "meets": True}
-    return chosen, auto_mod._verdict(chosen, meeting, search, 1.0, 23, SimpleNamespace(sensitivity=[], outliers=[]), best, [], None)
+def decide(records: list) -> tuple:
+    search = SimpleNamespace(records={r.name: r for r in records}, evaluations=len(records))
+    meeting = [r for r in records if r.meets]
+    chosen = choose(meeting)
+    best = make_candidate("int8-mse", method="mse", drop=0.4, meets=True)
+    return chosen, assemble_verdict(chosen, meeting, search, 1.0, 23, SimpleNamespace(sensitivity=[], outliers=[]), best, [], None)
 
 
 def test_fp32_wins_when_int8_is_slower_and_the_verdict_says_nothing_beats_it():
     chosen, v = decide([cand("fp32", "fp32", 1.0, 0.0, 1), cand("fp16", "fp16", 1.6, 0.1, 2), cand("int8-mse", "int8", 1.28, 0.4, 3)])
-    assert chosen["name"] == "fp32" and v["status"] == "fp32"
+    assert chosen.name == "fp32" and v["status"] == "fp32"
     assert "nothing beats FP32" in v["summary"] and "int8-mse, runs at 0.78× FP32's speed (1.28 vs 1.00 ms p50)" in v["summary"]
     assert "FP32 is the chosen model" in v["summary"]
     assert any(r.startswith("fastest of the candidates that meet the budget: fp32 1.00 ms, int8-mse 1.28 ms, fp16 1.60 ms") for r in v["reasons"])
@@ -74,21 +75,21 @@ def test_fp32_wins_when_int8_is_slower_and_the_verdict_says_nothing_beats_it():
 
 def test_fp16_wins_when_it_is_the_fastest_within_the_budget():
     chosen, v = decide([cand("fp32", "fp32", 1.0, 0.0, 1), cand("fp16", "fp16", 0.8, 0.1, 2), cand("int8-mse", "int8", 1.28, 0.4, 3)])
-    assert chosen["name"] == "fp16" and v["status"] == "fp16"
+    assert chosen.name == "fp16" and v["status"] == "fp16"
     assert "fp16 is the fastest model within the budget" in v["summary"] and "1.25× FP32's speed" in v["summary"]
     assert "int8-mse meets the budget at 0.78× FP32's speed" in v["summary"]
 
 
 def test_int8_wins_when_it_is_the_fastest_and_a_slower_fp16_is_reported():
     chosen, v = decide([cand("fp32", "fp32", 1.0, 0.0, 1), cand("fp16", "fp16", 1.6, 0.1, 2), cand("int8-mse", "int8", 0.5, 0.4, 3)])
-    assert chosen["name"] == "int8-mse" and v["status"] == "met"
+    assert chosen.name == "int8-mse" and v["status"] == "met"
     assert any("(2.00× the speed)" in r for r in v["reasons"]) and any(r.startswith("FP16: drop +0.10 points") for r in v["reasons"])
 
 
 def test_when_nothing_meets_fp32_is_written_and_the_fastest_miss_is_named():
     chosen, v = decide([cand("fp32", "fp32", 1.0, 0.0, 1), cand("fp16", "fp16", 1.6, 1.5, 2, meets=False),
                         cand("int8-mse", "int8", 0.5, 4.0, 3, meets=False)])
-    assert chosen["name"] == "fp32" and v["status"] == "not-met"
+    assert chosen.name == "fp32" and v["status"] == "not-met"
     assert v["summary"].startswith("no INT8 or mixed-precision model meets the budget of 1 points; nothing beats FP32")
     assert "int8-mse, runs at 2.00× FP32's speed" in v["summary"]
 
@@ -98,7 +99,7 @@ def test_when_nothing_meets_fp32_is_written_and_the_fastest_miss_is_named():
     ("cosine", 1.0, "a budget of 1.5 points is 0.015 of cosine: a candidate meets it at ≥ 0.985"),
 ])
 def test_the_metric_note_reads_the_budget_on_the_fidelity_metric(metric, value, words):
-    note = auto_mod.metric_note({"metric": metric, "value": value, "output": "logits"}, 1.5, labelled=False)
+    note = metric_note({"metric": metric, "value": value, "output": "logits"}, 1.5, labelled=False)
     assert "fidelity to the FP32 model" in note or "agreement with the FP32 model" in note
     assert words in note and "(output logits)" in note
-    assert auto_mod.metric_note({"metric": "top1", "value": 97.0}, 1.5, labelled=True) is None
+    assert metric_note({"metric": "top1", "value": 97.0}, 1.5, labelled=True) is None

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                             "edgeq.qat.run")),
     ("report", ("edgeq.report",)),
     ("analyze and auto", ("edgeq.analyze", "edgeq.auto", "edgeq.executor")),
-    ("cli", ("edgeq", "edgeq.cli", "edgeq.render", "edgeq.demo")),
+    ("cli", ("edgeq", "edgeq.cli", "edgeq.cli_options", "edgeq.render", "edgeq.demo")),
 ]
 OUTSIDE = ("edgeq.testing",)   # may import any layer; no layer may import it
 ROOT = Path(edgeq.__file__).parent

@@ -14,6 +14,7 @@ import edgeq
 from edgeq.analyze.sensitivity import eval_inputs, full_int8_fidelity, sensitivity
 from edgeq.quantize.prepare import INT4_OPSET
 from edgeq.quantize.qdq import prepare_and_calibrate, prepare_and_calibrate_each, quantize_qdq
+from tests.conftest import make_candidate
 
 
 def _pool_reshape_model() -> onnx.ModelProto:
@@ -82,7 +83,8 @@ def test_quantize_and_sensitivity_build_the_same_graph(calib, monkeypatch, weigh
 def test_auto_candidates_are_the_graphs_quantize_builds(calib):
     """`auto`'s calibration step evaluates the full-INT8 candidate of each method: the graphs `edgeq.quantize`
     gives for that method, with int4 weights for a W4A8 config."""
-    auto_mod = importlib.import_module("edgeq.auto")
+    from edgeq.auto.search import pick_calibration
+
     config = edgeq.Int8Static(weight_bits=4)
     model = edgeq.Model(_pool_reshape_model(), None)
 
@@ -91,11 +93,11 @@ def test_auto_candidates_are_the_graphs_quantize_builds(calib):
 
         def evaluate(self, cands):
             self.candidates.update({name: proto for name, proto, _ in cands})
-            return [{"name": name, "drop": 0.0, **meta} for name, _, meta in cands]
+            return [make_candidate(name, method=recipe.method) for name, _, recipe in cands]
 
     search = Search()
     methods = ("minmax", "mse")
-    auto_mod._calibrate(search, model, calib, config, methods, "validation", [], lambda *a: None)
+    pick_calibration(search, model, calib, config, methods, "validation", [], lambda *a: None)
     for method in methods:
         expected = edgeq.quantize(model, dataclasses.replace(config, method=method), calib=calib).proto
         assert _graph(search.candidates[f"int8-{method}"]) == _graph(expected)

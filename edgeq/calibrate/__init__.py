@@ -147,28 +147,33 @@ class Feeds(Dataset):
     >>> calib = Feeds(lambda: ({"input": x, "state": s, "sr": np.array(16000)} for x, s in stream))  # doctest: +SKIP
     """
 
+    def checked(self, names: list[str]) -> Iterator[tuple[int, Batch]]:
+        """The feeds with their index, each holding a value for every one of NAMES (the model's inputs); a feed
+        missing one, or no feed at all, is a DataError."""
+        count = 0
+        for index, chunk in enumerate(self.chunks()):
+            missing = [name for name in names if name not in chunk.inputs]
+            if missing:
+                raise DataError(f"{self.description}: feed {index} has no value for {', '.join(missing)}",
+                                f"give every feed the model's inputs: {', '.join(names)}")
+            yield index, chunk
+            count += 1
+        if not count:
+            raise DataError(f"{self.description} holds no feeds", "give at least one")
+
 
 def feed_batches(data: Dataset, specs: list[TensorSpec], batch_size: int, max_samples: int | None = None) -> Iterator[Batch]:
     """The runs calibration makes: re-batched samples (`edgeq.data.batches`), or a `Feeds` dataset's feeds."""
     if not isinstance(data, Feeds):
         yield from batches(data, specs, batch_size, refuse_nonfinite=True, max_samples=max_samples)
         return
-    names = [spec.name for spec in specs]
-    count = 0
-    for index, chunk in enumerate(data.chunks()):
-        missing = [name for name in names if name not in chunk.inputs]
-        if missing:
-            raise DataError(f"{data.description}: feed {index} has no value for {', '.join(missing)}",
-                            f"give every feed the model's inputs: {', '.join(names)}")
+    for count, (index, chunk) in enumerate(data.checked([spec.name for spec in specs]), 1):
         feed = Batch({spec.name: np.ascontiguousarray(chunk.inputs[spec.name], dtype=spec.dtype) for spec in specs}, unbatched=True)
         if count_nonfinite(feed):
             raise DataError(f"{data.description}: feed {index} holds NaN/Inf values", "clean the data; calibration needs finite values")
         yield feed
-        count += 1
         if max_samples is not None and count >= max_samples:
             return
-    if not count:
-        raise DataError(f"{data.description} holds no feeds", "give at least one")
 
 
 # Batches observed at once: each worker runs the model on its batch (ONNX Runtime releases the GIL) and bins the

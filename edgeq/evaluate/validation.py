@@ -12,7 +12,7 @@ import numpy as np
 
 from edgeq.calibrate import Feeds
 from edgeq.data import Batch, Dataset, batches, conform, fixed_batch_size, open_data
-from edgeq.errors import ConfigError, DataError
+from edgeq.errors import ConfigError
 from edgeq.evaluate.outputs import OutputFidelity
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.scoring import Scorer
@@ -70,18 +70,9 @@ def _runs(stream: Dataset, model: Model, batch_size: int) -> Iterator[Batch]:
     if not isinstance(stream, Feeds):
         yield from batches(stream, model.inputs, batch_size, refuse_nonfinite=False)
         return
-    names = [spec.name for spec in model.inputs]
-    count = 0
-    for index, chunk in enumerate(stream.chunks()):
-        missing = [name for name in names if name not in chunk.inputs]
-        if missing:
-            raise DataError(f"{stream.description}: feed {index} has no value for {', '.join(missing)}",
-                            f"give every feed the model's inputs: {', '.join(names)}")
+    for _, chunk in stream.checked([spec.name for spec in model.inputs]):
         labels = None if chunk.labels is None else np.atleast_1d(chunk.labels)[:1]
         yield Batch({s.name: np.ascontiguousarray(chunk.inputs[s.name], dtype=s.dtype) for s in model.inputs}, labels, unbatched=True)
-        count += 1
-    if not count:
-        raise DataError(f"{stream.description} holds no feeds", "give at least one")
 
 
 def _run_count(data: Dataset, specs: list[TensorSpec], batch_size: int) -> int | None:

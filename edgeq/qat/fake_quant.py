@@ -133,17 +133,22 @@ class _QuantWeightMixin:
             return self.weight, self.bias
         return self.quant_weight(), self.quant_bias()
 
+    @classmethod
+    def _quantized_copy(cls, module: nn.Module, args: tuple, bits: int, per_channel: bool, learn: bool):
+        """A `cls` built with ARGS holding MODULE's weights, its fake quantization initialised."""
+        q = cls(*args)
+        q.load_state_dict(module.state_dict())
+        q._init_quant(bits, per_channel, learn)
+        return q
+
 
 class _QuantConvMixin(_QuantWeightMixin):
     """from_float and forward shared by the 1-D and 2-D convolutions; listed first so its forward wins."""
 
     @classmethod
     def from_float(cls, conv: nn.Conv1d | nn.Conv2d, bits: int, per_channel: bool, learn: bool):
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, conv.bias is not None, conv.padding_mode)
-        q.load_state_dict(conv.state_dict())
-        q._init_quant(bits, per_channel, learn)
-        return q
+        return cls._quantized_copy(conv, (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode), bits, per_channel, learn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.params()
@@ -163,10 +168,7 @@ class QLinear(nn.Linear, _QuantWeightMixin):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, per_channel: bool, learn: bool) -> "QLinear":
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q.load_state_dict(linear.state_dict())
-        q._init_quant(bits, per_channel, learn)
-        return q
+        return cls._quantized_copy(linear, (linear.in_features, linear.out_features, linear.bias is not None), bits, per_channel, learn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.params()

@@ -20,6 +20,14 @@ PER_CHANNEL_OPSET = 13
 INT4_OPSET = 21  # int4 QuantizeLinear/DequantizeLinear are standard ONNX from opset 21
 
 
+def working_copy(model: Model) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of MODEL's graph to rewrite, its Constant-node tensors moved to initializers, and the note saying so."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    moved = constants_to_initializers(proto)
+    return proto, [f"moved {moved} Constant-node tensors to initializers"] if moved else []
+
+
 def constants_to_initializers(proto: onnx.ModelProto) -> int:
     """Move tensors held by Constant nodes of the main graph into initializers; returns how many moved."""
     graph = proto.graph
@@ -147,12 +155,7 @@ def _as_channel_vector(values: np.ndarray, channels: int) -> np.ndarray | None:
 
 def prepare(model: Model, *, per_channel: bool) -> tuple[Model, list[str]]:
     """Return a quantizable copy of the model and notes on what was changed."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    notes: list[str] = []
-    moved = constants_to_initializers(proto)
-    if moved:
-        notes.append(f"moved {moved} Constant-node tensors to initializers")
+    proto, notes = working_copy(model)
     if per_channel:
         proto, note = upgrade_opset(proto)
         if note:

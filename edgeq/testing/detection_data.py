@@ -268,14 +268,10 @@ class _PageWriter:
 
 def _line(rng: random.Random, draw, font, room: int, most: int) -> str:
     """Words up to `most`, stopping before the line would run past `room` pixels."""
+    from edgeq.testing.zoo import fitting_line
+
     words = _words()
-    line = rng.choice(words).capitalize()
-    for _ in range(rng.randint(max(1, most // 2), most)):
-        longer = f"{line} {rng.choice(words)}"
-        if draw.textlength(longer, font=font) > room:
-            break
-        line = longer
-    return line
+    return fitting_line(rng, rng.choice(words).capitalize(), words, draw, font, room, rng.randint(max(1, most // 2), most))
 
 
 @functools.lru_cache(maxsize=1)

@@ -96,8 +96,12 @@ def _render_page(rng: random.Random, height: int, width: int) -> np.ndarray:
 
 def _fitting_line(rng: random.Random, words: tuple[str, ...], draw, font, room: int) -> str:
     """Up to 7 random words, stopping before the line would run off the page (text cut at the edge is not text)."""
-    line = rng.choice(words)
-    for _ in range(rng.randint(1, 6)):
+    return fitting_line(rng, rng.choice(words), words, draw, font, room, rng.randint(1, 6))
+
+
+def fitting_line(rng: random.Random, line: str, words: tuple[str, ...], draw, font, room: int, extra: int) -> str:
+    """LINE and up to EXTRA more random WORDS, stopping before the line would run past ROOM pixels in FONT."""
+    for _ in range(extra):
         longer = f"{line} {rng.choice(words)}"
         if draw.textlength(longer, font=font) > room:
             break
