@@ -282,6 +282,7 @@ def auto(
     train: Annotated[Optional[Path], typer.Option(help="With --torch-model: training DATA with labels for QAT.")] = None,
     qat_epochs: Annotated[int, typer.Option(help="With --torch-model: QAT fine-tuning epochs (early stop on 10% of --train).")] = 3,
     qat_lr: Annotated[float, typer.Option(help="With --torch-model: QAT learning rate (Adam, cosine schedule).")] = 1e-4,
+    labels: Annotated[Optional[Path], typer.Option(help="A detector's ground-truth boxes (as validate --labels): the budget is in mAP@0.5 points; without, box F1 vs MODEL.")] = None,
     preset: Preset = "raw",
     force: Force = False,
 ) -> None:
@@ -296,7 +297,8 @@ def auto(
         qat_source = QatSource(torch_model, weights, edgeq.open_data(train, preset), epochs=qat_epochs, lr=qat_lr)
     with LocalPool(workers) as pool:
         report = run_auto(model, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
-                          executor=pool, force=force, threads=threads, max_float_layers=max_float_layers, qat=qat_source, console=out)
+                          executor=pool, force=force, threads=threads, max_float_layers=max_float_layers, qat=qat_source, console=out,
+                          labels=labels)
     print_auto(out, report, output)
 
 

@@ -85,6 +85,8 @@ class EvalTask:
     labels: np.ndarray | None
     batch_size: int = 64
     reference: str | None = None   # without labels: the FP32 model, fidelity to it is the metric
+    detect: bool = False           # a detector: judged on its boxes after decoding and NMS (validate --task detect)
+    detection_labels: str | None = None  # ground-truth boxes for mAP; without them, box F1 against `reference`
 
 
 def evaluate_task(task: EvalTask) -> dict:
@@ -92,7 +94,13 @@ def evaluate_task(task: EvalTask) -> dict:
     from edgeq.evaluate import validate
 
     data = Dataset.from_arrays(task.arrays, labels=task.labels, description="validation")
-    record = validate(task.model_path, data, reference=task.reference, batch_size=task.batch_size).to_dict()
+    if task.detect:
+        from edgeq.evaluate.detect_validation import validate_detection
+
+        record = validate_detection(task.model_path, data, task.reference, labels=task.detection_labels,
+                                    batch_size=task.batch_size).to_dict()
+    else:
+        record = validate(task.model_path, data, reference=task.reference, batch_size=task.batch_size).to_dict()
     record.pop("predictions", None)
     return record
 
@@ -109,11 +117,26 @@ def materialize(data: Dataset, model: Model) -> tuple[dict[str, np.ndarray], np.
     return {k: np.concatenate(v) for k, v in parts.items()}, (np.concatenate(labels) if labels else None)
 
 
-def measure(candidates: list[Candidate], n_layers: int, threads: int, runs: int, batch: int) -> None:
+def bench_shapes(model: Model, arrays: dict[str, np.ndarray], batch: int) -> dict[str, tuple[int, ...]]:
+    """Timing shapes for inputs with dynamic dims besides the batch (an image size, a sequence length): the
+    validation samples' own, so latency is measured on what the model is judged on."""
+    from edgeq.timing import is_fixed_dim
+
+    shapes = {}
+    for spec in model.inputs:
+        if spec.name in arrays and not all(is_fixed_dim(d) for d in spec.shape[1:]):
+            first = spec.shape[0] if spec.shape and is_fixed_dim(spec.shape[0]) else batch
+            shapes[spec.name] = (int(first), *map(int, arrays[spec.name].shape[1:]))
+    return shapes
+
+
+def measure(candidates: list[Candidate], n_layers: int, threads: int, runs: int, batch: int,
+            shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Latency and size of every candidate, each in its own benchmark worker."""
     from edgeq.bench import BenchConfig, benchmark
 
-    bench = benchmark([c.path for c in candidates], BenchConfig(threads=threads, runs=runs, warmup=3, batch=batch))
+    config = BenchConfig(threads=threads, runs=runs, warmup=3, batch=batch, shapes=shapes or {})
+    bench = benchmark([c.path for c in candidates], config)
     for c, b in zip(candidates, bench):
         d = b.to_dict()
         c.size_mb, c.p50_ms, c.p90_ms = d["size_bytes"] / 1e6, d["latency_ms"]["p50"], d["latency_ms"]["p90"]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.analyze import analyze
-from edgeq.auto.candidates import materialize, measure
+from edgeq.auto.candidates import bench_shapes, materialize, measure
 from edgeq.auto.qat import QatInputs, QatSource, load_qat, qat_command, qat_step
 from edgeq.auto.search import Search, choose, fallback_search, float_candidates, pick_calibration, refine_recipe, refine_target
 from edgeq.auto.verdict import assemble_report, assemble_verdict
@@ -37,7 +37,8 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
          output: str | Path = "auto-out", *, target: str = "onnxruntime-cpu", executor: Executor | None = None,
          config: Int8Static | None = None, methods: tuple[str, ...] = METHODS, force: bool = False,
          bench_runs: int = 20, bench_batch: int = 64, threads: int = 1, select: str = "fidelity",
-         max_float_layers: int | None = None, refine: bool = True, qat: QatSource | None = None, console: Any = None) -> dict:
+         max_float_layers: int | None = None, refine: bool = True, qat: QatSource | None = None, console: Any = None,
+         labels: str | Path | None = None) -> dict:
     """Meet `budget` (points of the validation metric: top-1 % with labels, fidelity to MODEL without) with the
     fastest model, FP32 and FP16 included; write OUTDIR.
 
@@ -47,7 +48,11 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
     FP32 is a candidate like the others: when no candidate within the budget is faster, FP32 is chosen and written.
 
     `max_float_layers` caps the layers the search may return to float (0: a fully INT8 model or nothing);
-    `refine` False skips the recipe refinement (one evaluation less); `qat` lets QAT run when nothing else meets."""
+    `refine` False skips the recipe refinement (one evaluation less); `qat` lets QAT run when nothing else meets.
+
+    A detector (its head recognised by `validate --task detect`'s rules) is judged on its boxes after decoding and
+    NMS: mAP@0.5 on ground-truth boxes given as `labels` (an .npz or COCO .json, as `validate --labels`), or without
+    them box F1 against the FP32 model; the budget is in points of that (0.01 of mAP or F1)."""
     from edgeq.report import ReportFolder
 
     _check_options(select, budget, max_float_layers)
@@ -59,12 +64,14 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
     val_spec = val
     val = open_data(val) if isinstance(val, (str, Path)) else val
     qat_inputs = load_qat(qat, source) if qat is not None else None   # before any work: a wrong model fails fast
+    head = _detection_task(source, labels)
     folder = ReportFolder(Path(output), force=force, staged=True,
-                          protect=(*model_files(source.path), *(Path(d) for d in (calib_spec, val_spec) if isinstance(d, (str, Path)))))
+                          protect=(*model_files(source.path), *(Path(d) for d in (calib_spec, val_spec, labels) if isinstance(d, (str, Path)))))
     try:
         with step("auto") as phase:
             report = _run(source, calib, val, val_spec, budget, output, folder, target, executor, config, methods, bench_runs,
-                          bench_batch, threads, select, max_float_layers, refine, qat_inputs, _narrated(say, phase), started)
+                          bench_batch, threads, select, max_float_layers, refine, qat_inputs, _narrated(say, phase), started,
+                          head, labels)
     except BaseException:
         folder.discard()  # a failure or an interrupt leaves the output folder as it was, or absent
         raise
@@ -75,7 +82,8 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
 def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | Path, budget: float, output: str | Path,
          folder: Any, target: str, executor: Executor | None, config: Int8Static | None, methods: tuple[str, ...],
          bench_runs: int, bench_batch: int, threads: int, select: str, max_float_layers: int | None, refine: bool,
-         qat_inputs: QatInputs | None, say: Any, started: float) -> dict:
+         qat_inputs: QatInputs | None, say: Any, started: float, head: str | None = None,
+         detection_labels: str | Path | None = None) -> dict:
     from edgeq.decide import DecisionRule
     from edgeq.report.auto import render_auto_html
 
@@ -85,12 +93,17 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
     executor = executor or LocalPool(2)
     rule = DecisionRule(ship_below=max(budget, 1e-9), qat_up_to=max(budget, 3.0))
     reference = None
-    if fidelity_reference(source, labels):   # decided before any calibration: no labels, FP32 is the reference
-        from edgeq.model import save
+    if head is not None:
+        say(f"a detector ({head} head): judged on its boxes after decoding and NMS, "
+            + ("mAP@0.5 on the ground-truth boxes" if detection_labels is not None else "box F1 against the FP32 model"))
+    if (head is not None and detection_labels is None) or (head is None and fidelity_reference(source, labels)):
+        from edgeq.model import save  # decided before any calibration: no labels, FP32 is the reference
 
         reference = str(save(source.proto, folder.path("candidates/fp32.onnx"), force=True))
-        say("the validation data has no labels: measuring fidelity to the FP32 model (budget in points of it)")
-    search = Search(folder, executor, arrays, labels, budget, rule, reference)
+        if head is None:
+            say("the validation data has no labels: measuring fidelity to the FP32 model (budget in points of it)")
+    search = Search(folder, executor, arrays, labels, budget, rule, reference, detect=head is not None,
+                    detection_labels=None if detection_labels is None else str(detection_labels))
     steps: list[dict] = []
     try:
         float_candidates(search, source, say)
@@ -108,7 +121,7 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
         if not search.meeting() and qat_inputs is not None:
             qat_step(search, qat_inputs, dataclasses.replace(config, method=best.recipe.method), source, steps, say)
         say("measuring latency of every candidate")
-        measure(list(search.records.values()), n_layers, threads, bench_runs, bench_batch)
+        measure(list(search.records.values()), n_layers, threads, bench_runs, bench_batch, bench_shapes(source, arrays, bench_batch))
         meeting = search.within_budget()
         chosen = choose(meeting)
         notes = [s["result"] for s in steps if "result" in s]
@@ -126,12 +139,27 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
     for c in search.records.values():
         c.path = str(folder.final(c.path))
         folder.write_json(f"candidates/{c.name}.json", c.to_dict())
-    report = assemble_report(f"edgeq auto: {source.name}", budget, labels is not None, search, outcome, chosen, analysis,
+    report = assemble_report(f"edgeq auto: {source.name}", budget, labels is not None or detection_labels is not None, search, outcome, chosen, analysis,
                              calib_samples=prep.samples, n_layers=n_layers, steps=steps, threads=threads, batch=bench_batch,
                              workers=getattr(executor, "workers", 1), started=started)
     folder.write_json("report.json", report)
     folder.write_text("report.html", render_auto_html(report))
     return report
+
+
+def _detection_task(source: Model, labels: str | Path | None) -> str | None:
+    """The detector head `auto` judges boxes for (None for other models); ground-truth boxes without a detector are
+    a user error, found before any work, as are unreadable labels."""
+    from edgeq.evaluate.detect_validation import detector_head
+    from edgeq.evaluate.detection.labels import read_detection_labels
+
+    head = detector_head(source)
+    if labels is not None:
+        if head is None:
+            raise ConfigError("--labels gives ground-truth boxes, but the model's outputs match no detector head",
+                              "drop --labels (class labels go in the validation data as 'labels'), or check the model")
+        read_detection_labels(labels)
+    return head
 
 
 def _narrated(say: Callable[..., None], phase: Step) -> Callable[..., None]:

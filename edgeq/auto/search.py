@@ -22,9 +22,11 @@ from edgeq.sqnr import BROKEN_SQNR_DB
 class Search:
     """Saves, evaluates and records candidates; counts evaluations."""
 
-    def __init__(self, folder, executor: Executor, arrays, labels, budget: float, rule, reference: str | None = None) -> None:
+    def __init__(self, folder, executor: Executor, arrays, labels, budget: float, rule, reference: str | None = None,
+                 detect: bool = False, detection_labels: str | None = None) -> None:
         self.folder, self.executor, self.arrays, self.labels = folder, executor, arrays, labels
         self.budget, self.rule, self.reference = budget, rule, reference
+        self.detect, self.detection_labels = detect, detection_labels
         self.records: dict[str, Candidate] = {}
         self.base: dict | None = None   # FP32's validation record
         self.evaluations = 0
@@ -36,7 +38,8 @@ class Search:
         tasks = []
         for name, proto, _ in candidates:
             path = save(proto, self.folder.path(f"candidates/{name}.onnx"), force=True)
-            tasks.append(EvalTask(name, str(path), self.arrays, self.labels, reference=self.reference))
+            tasks.append(EvalTask(name, str(path), self.arrays, self.labels, reference=self.reference, detect=self.detect,
+                                  detection_labels=self.detection_labels))
         with step(f"validating {', '.join(t.name for t in tasks)}"[:80]):
             results = self.executor.map(evaluate_task, tasks)
         self.evaluations += len(tasks)

@@ -11,6 +11,13 @@ from edgeq.sqnr import BROKEN_SQNR_DB
 
 def metric_note(base: dict, budget: float, labelled: bool) -> str | None:
     """What the budget means when the metric is fidelity to the FP32 model (no labels); None with labels."""
+    if base["metric"] in ("map50", "map50_95"):
+        return (f"Metric: mAP@0.5 on the ground-truth boxes (--labels), after the detector's decoding and NMS; a budget of "
+                f"{budget:g} points lets mAP fall by {budget / 100:g}")
+    if base["metric"] == "box_f1":
+        return (f"Metric: no ground truth, so box agreement with the FP32 model: F1 of each candidate's boxes against FP32's "
+                f"at IoU 0.5 after the same decoding and NMS; a budget of {budget:g} points is {budget / 100:g} of F1: a "
+                f"candidate meets it at F1 ≥ {1 - budget / 100:g}")
     if labelled:
         return None
     where = f" (output {base['output']})" if base.get("output") else ""

@@ -19,6 +19,7 @@ from edgeq.calibrate import check_method, float_tensors, observe, to_calibration
 from edgeq.data import Dataset
 from edgeq.model import Model
 from edgeq.quantize.config import COMPUTE_OP_TYPES, Int8Static
+from edgeq.quantize.detection_head import protect_head
 from edgeq.quantize.prepare import INT4_OPSET, PER_CHANNEL_OPSET, prepare, upgrade_opset
 from edgeq.quantize.subgraphs import toposort
 
@@ -109,6 +110,9 @@ def prepare_and_calibrate_each(model: Model, calib: Dataset, config: Int8Static,
     for method in methods:
         check_method(method, config.percentile)
     prepared, notes = prepare_static(model, config)
+    config, head = protect_head(prepared.proto, config)  # analyze and auto build what `quantize` builds: head float
+    if head is not None:
+        notes.append(head.describe())
     seen = observe(prepared, calib, histogram=methods != ("minmax",), batch_size=config.batch_size,
                    max_samples=config.max_samples)
     out = {}
