@@ -17,22 +17,25 @@ from typing import Annotated
 import typer
 
 from edgeq.errors import UserError
+from edgeq.quantize import config
+from edgeq.quantize.config import RECIPES
 
 
-def _choices(name: str, values: str) -> type[Enum]:
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     """A choice type for typer: one member per value, named as it is spelled on the command line."""
-    return Enum(name, [(v, v) for v in values.split()], type=str)  # type: ignore[return-value]
+    return Enum(name, [(v, v) for v in values], type=str)  # type: ignore[return-value]
 
 
-Precision = _choices("Precision", "fp16 int8 int4")
-Mode = _choices("Mode", "dynamic static")
-Method = _choices("Method", "minmax percentile entropy mse auto")
-WeightRange = _choices("WeightRange", "minmax mse")
-Rounding = _choices("Rounding", "nearest adaround")
-Algorithm = _choices("Algorithm", "auto rtn gptq awq")
-Int4Format = _choices("Int4Format", "nbits qdq")
-ActivationType = _choices("ActivationType", "uint8 int8")
-Coverage = _choices("Coverage", "measured all")
+# The vocabularies are the configs' own (edgeq.quantize.config): the command line offers what the recipes accept.
+Precision = _choices("Precision", tuple(dict.fromkeys(r.precision for r in RECIPES.values())))
+Mode = _choices("Mode", tuple(r.mode for r in RECIPES.values() if r.precision == "int8"))
+Method = _choices("Method", config.STATIC_METHODS)
+WeightRange = _choices("WeightRange", config.WEIGHT_RANGES)
+Rounding = _choices("Rounding", config.ROUNDINGS)
+Algorithm = _choices("Algorithm", config.INT4_ALGORITHMS)
+Int4Format = _choices("Int4Format", config.INT4_FORMATS)
+ActivationType = _choices("ActivationType", config.ACTIVATION_TYPES)
+Coverage = _choices("Coverage", config.COVERAGES)
 
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Preset = Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey, with optional overrides, "
