@@ -7,6 +7,10 @@ that PTQ model is then located in the torch graph by value (the tensor it quanti
 calibration samples) and a fake-quant pair with the PTQ scale and zero point is inserted there; each quantized
 Conv/Gemm is located by its weights and gets weight (and int32 bias) fake quantization. Pairs that re-use an
 upstream scale (after MaxPool, Flatten, Reshape…) are identities on quantized data and need nothing in torch.
+
+A folded Conv+BN becomes a QConvBn, trained unfolded: on a MobileNetV3-style net, QAT of the pre-folded weights
+recovered 75% of the W4A8 PTQ loss (torch.ao's eager QAT of the folded net: the same), re-estimating the BatchNorm
+statistics on the quantized network 93% (bench/qat.py); eval mode computes the folded op that is deployed.
 """
 from __future__ import annotations
 
