@@ -47,7 +47,8 @@ def finetune(model: nn.Module, train: Any, val: Any = None, *, task: str = "clas
     """Train a prepared module on `train` = (inputs, labels) arrays or an edgeq.Dataset with labels; early-stop on
     `val` (same forms; its score is top-1 % for classification, -MSE for regression). BatchNorm statistics (of the
     Conv+BN pairs, trained unfolded) follow the quantized network's batches, then are frozen for the last
-    `freeze_bn_epochs` epochs (the first epoch always updates them).
+    `freeze_bn_epochs` epochs (the first epoch always updates them); an epoch with live statistics that ends below
+    the best score so far is undone and the statistics are frozen from then on (its history entry says bn_frozen).
 
     >>> result = edgeq.qat.finetune(qat, (x_train, y_train), (x_val, y_val), epochs=4, lr=1e-4)   # doctest: +SKIP
     >>> result.best_epoch, result.best_score                                                     # doctest: +SKIP
@@ -75,8 +76,9 @@ def finetune(model: nn.Module, train: Any, val: Any = None, *, task: str = "clas
         best_state = copy.deepcopy(model.state_dict())
         result.history.append({"epoch": 0, "loss": None, "val_score": result.best_score})
     since_best = 0
+    first_frozen = max(1, epochs - freeze_bn_epochs) + 1
     for epoch in track(range(1, epochs + 1), "quantization-aware training", total=epochs):
-        freeze_bn(model, epoch > max(1, epochs - freeze_bn_epochs))
+        freeze_bn(model, epoch >= first_frozen)
         model.train()
         order = torch.randperm(len(x), generator=generator)
         total, count = 0.0, 0
@@ -95,6 +97,10 @@ def finetune(model: nn.Module, train: Any, val: Any = None, *, task: str = "clas
             if entry["val_score"] > result.best_score:
                 result.best_score, result.best_epoch, since_best = entry["val_score"], epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
+            elif epoch < first_frozen and entry["val_score"] < result.best_score:
+                # Live statistics made it worse (a large learning rate can derail them): back to the best state, frozen.
+                model.load_state_dict(best_state)
+                first_frozen, entry["bn_frozen"] = epoch + 1, True
             else:
                 since_best += 1
         result.history.append(entry)
