@@ -218,7 +218,7 @@ def main() -> None:
           f"last {freeze[0]} epochs, observers for the last {freeze[1]}.")
     if len(seeds) > 1:
         print(f"- QAT seeds {seeds} (the rows are means): edgeq {[round(v, 2) for v in top1['qat']]}, torch.ao {[round(v, 2) for v in top1['torch']]}.")
-    print(f"- early-stop scores per epoch: edgeq {histories['qat']} (epoch 0 = PTQ init), torch.ao {histories['torch']}.")
+    print(f"- early-stop scores per epoch: edgeq {'; '.join(histories['qat'])} (epoch 0 = PTQ init), torch.ao {'; '.join(histories['torch'])}.")
 
 
 if __name__ == "__main__":
