@@ -7,8 +7,9 @@
 torch is imported here and in edgeq.demo only, never on the ONNX paths.
 """
 from edgeq.qat.export import export, to_onnx
-from edgeq.qat.fake_quant import ActQuant, QConv, QLinear
+from edgeq.qat.fake_quant import ActQuant, QConv, QConvBn, QLinear, freeze_bn
 from edgeq.qat.finetune import FinetuneResult, finetune, score
 from edgeq.qat.prepare import fake_quant_enabled, prepare
 
-__all__ = ["ActQuant", "FinetuneResult", "QConv", "QLinear", "export", "fake_quant_enabled", "finetune", "prepare", "score", "to_onnx"]
+__all__ = ["ActQuant", "FinetuneResult", "QConv", "QConvBn", "QLinear", "export", "fake_quant_enabled", "finetune", "freeze_bn", "prepare",
+           "score", "to_onnx"]

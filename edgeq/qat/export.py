@@ -18,7 +18,7 @@ from torch import fx
 
 from edgeq.errors import ConfigError, ModelError
 from edgeq.qat.fake_quant import ActQuant
-from edgeq.qat.prepare import ComputeNode, Plan, export_float, float_config, link, read_plan, state_of
+from edgeq.qat.prepare import ComputeNode, Plan, export_float, float_config, float_state, link, read_plan, state_of
 
 
 WEIGHT_STORAGE = ("int4", "int8")
@@ -49,8 +49,7 @@ def to_onnx(model: fx.GraphModule, example_inputs: Any = None, *, weight_storage
 
     state = state_of(model)
     template = state.template
-    float_keys = set(template.state_dict())
-    template.load_state_dict({k: v for k, v in model.state_dict().items() if k in float_keys}, strict=True)
+    template.load_state_dict(float_state(model, template), strict=True)
     example = state.sample[:1] if example_inputs is None else _array(example_inputs)
     fp32 = export_float(template, state.input_name, state.output_names, example)
     qdq, _, _ = quantize_static(fp32, float_config(state.config), Dataset.from_arrays({state.input_name: state.sample}))
@@ -111,7 +110,7 @@ def _acts_by_fx_node(model: fx.GraphModule) -> dict[str, ActQuant]:
 
 
 def _patch_weight(inits: dict, comp: ComputeNode, qmodule: Any, act_scales: dict[str, np.ndarray]) -> None:
-    w = qmodule.weight.detach().numpy().astype(np.float32)
+    w = qmodule.float_weight().detach().numpy().astype(np.float32)
     scale = qmodule.weight_scales().detach().numpy().astype(np.float32)
     qt = qmodule.qtype
     q = np.clip(np.rint(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), qt.qmin, qt.qmax)
@@ -121,13 +120,13 @@ def _patch_weight(inits: dict, comp: ComputeNode, qmodule: Any, act_scales: dict
         q = q.T
     _set_ints(stored, q)
     _set(inits[comp.weight_scale], scale.reshape(tuple(inits[comp.weight_scale].dims)))
-    if comp.bias_q is None or qmodule.bias is None:
+    if comp.bias_q is None or qmodule.float_bias() is None:
         return
     in_scale = act_scales.get(comp.input_scale)
     if in_scale is None:
         in_scale = numpy_helper.to_array(inits[comp.input_scale]).astype(np.float32)
     bias_scale = (np.float32(in_scale) * scale).astype(np.float32)
-    b = qmodule.bias.detach().numpy().astype(np.float32)
+    b = qmodule.float_bias().detach().numpy().astype(np.float32)
     qb = np.clip(np.rint(b / bias_scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
     _set(inits[comp.bias_q], qb.reshape(tuple(inits[comp.bias_q].dims)))
     _set(inits[comp.bias_scale], bias_scale.reshape(tuple(inits[comp.bias_scale].dims)))

@@ -97,8 +97,15 @@ class _QuantWeightMixin:
             self.weight_scale = nn.Parameter(self.absmax_scale())
         self.onnx_weight: str | None = None
 
+    def float_weight(self) -> torch.Tensor:
+        """The float weight of the deployed op (what is quantized)."""
+        return self.weight
+
+    def float_bias(self) -> torch.Tensor | None:
+        return self.bias
+
     def absmax_scale(self) -> torch.Tensor:
-        w = self.weight.detach()
+        w = self.float_weight().detach()
         absmax = w.abs().amax(dim=tuple(range(1, w.dim()))) if self.per_channel else w.abs().amax().reshape(1)
         return symmetric_scale(absmax, self.qtype)
 
@@ -115,22 +122,23 @@ class _QuantWeightMixin:
         scale = self.weight_scales()
         if self.learn:
             scale = grad_scale(scale, 1.0 / math.sqrt(self.weight[0].numel() * self.qtype.qmax))
-        return fake_quant(self.weight, self._shaped(scale), 0.0, self.qtype.qmin, self.qtype.qmax)
+        return fake_quant(self.float_weight(), self._shaped(scale), 0.0, self.qtype.qmin, self.qtype.qmax)
 
     def bias_scale(self) -> torch.Tensor | None:
-        if not (self.quantize_bias and self.input_quant and self.bias is not None):
+        if not (self.quantize_bias and self.input_quant and self.float_bias() is not None):
             return None
         return (self.input_quant[0].effective_scale().detach() * self.weight_scales().detach()).float()
 
     def quant_bias(self) -> torch.Tensor | None:
         scale = self.bias_scale()
+        bias = self.float_bias()
         if scale is None:
-            return self.bias
-        return round_ste(self.bias / scale) * scale
+            return bias
+        return round_ste(bias / scale) * scale
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.enabled:
-            return self.weight, self.bias
+            return self.float_weight(), self.float_bias()
         return self.quant_weight(), self.quant_bias()
 
     @classmethod
@@ -163,6 +171,72 @@ class QConv1d(_QuantConvMixin, nn.Conv1d):
     """Conv1d (BatchNorm already folded in) with fake-quantized weights and bias."""
 
 
+class _QuantConvBnMixin(_QuantConvMixin):
+    """A Conv and the BatchNorm after it, trained unfolded as in Jacob et al. (2018) and torch.ao's ConvBn modules:
+    the weights folded with the running statistics are fake-quantized; while the statistics are live (training mode,
+    not frozen) the convolution's output is rescaled to the batch statistics and the running ones are updated, so
+    BatchNorm keeps re-estimating the statistics of the quantized network. In eval mode, or once frozen
+    (`freeze_bn`), it computes exactly the folded, quantized op of the deployed graph."""
+
+    bn_weight: nn.Parameter
+    bn_bias: nn.Parameter
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv1d | nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, bits: int, per_channel: bool, learn: bool):
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, True, conv.padding_mode)
+        with torch.no_grad():
+            q.weight.copy_(conv.weight)
+            q.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
+        gamma = bn.weight if bn.affine else torch.ones(conv.out_channels)
+        beta = bn.bias if bn.affine else torch.zeros(conv.out_channels)
+        q.bn_weight = nn.Parameter(gamma.detach().clone())
+        q.bn_bias = nn.Parameter(beta.detach().clone())
+        q.register_buffer("running_mean", bn.running_mean.detach().clone())
+        q.register_buffer("running_var", bn.running_var.detach().clone())
+        q.eps, q.momentum = bn.eps, bn.momentum if bn.momentum is not None else 0.1
+        q.bn_live = True
+        q._init_quant(bits, per_channel, learn)
+        return q
+
+    def _bn_factor(self) -> torch.Tensor:
+        return self.bn_weight / torch.sqrt(self.running_var + self.eps)
+
+    def float_weight(self) -> torch.Tensor:
+        return self.weight * self._shaped(self._bn_factor())
+
+    def float_bias(self) -> torch.Tensor:
+        return self.bn_bias + (self.bias - self.running_mean) * self._bn_factor()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.bn_live):
+            return super().forward(x)
+        factor = self._bn_factor()
+        factor = torch.where(factor == 0, torch.ones_like(factor), factor)   # a dead channel: its weights fold to 0
+        weight = self.quant_weight() if self.enabled else self.float_weight()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = self._conv_forward(x, weight, None) / factor.reshape(shape) + self.bias.reshape(shape)
+        return F.batch_norm(y, self.running_mean, self.running_var, self.bn_weight, self.bn_bias, True, self.momentum, self.eps)
+
+
+class QConvBn(_QuantConvBnMixin, QConv):
+    """Conv2d + BatchNorm2d, trained unfolded, deployed folded, with fake-quantized weights and bias."""
+
+
+class QConvBn1d(_QuantConvBnMixin, QConv1d):
+    """Conv1d + BatchNorm1d, trained unfolded, deployed folded, with fake-quantized weights and bias."""
+
+
+def freeze_bn(model: nn.Module, frozen: bool = True) -> None:
+    """Stop (or restart) the BatchNorm statistics of every Conv+BN of a prepared module: frozen, training uses the
+    running statistics, i.e. the folded op that is deployed."""
+    for m in model.modules():
+        if isinstance(m, _QuantConvBnMixin):
+            m.bn_live = not frozen
+
+
 class QLinear(nn.Linear, _QuantWeightMixin):
     """Linear with fake-quantized weights (per output feature) and bias."""
 
@@ -176,3 +250,4 @@ class QLinear(nn.Linear, _QuantWeightMixin):
 
 
 QUANT_MODULES = {nn.Conv2d: QConv, nn.Conv1d: QConv1d, nn.Linear: QLinear}
+CONV_BN_MODULES = {nn.Conv2d: QConvBn, nn.Conv1d: QConvBn1d}

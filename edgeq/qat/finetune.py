@@ -18,9 +18,13 @@ from torch.nn import functional as F
 
 from edgeq.errors import ConfigError, DataError
 from edgeq.progress import track
+from edgeq.qat.fake_quant import freeze_bn
 
 TASKS = ("classification", "regression")
 SCHEDULES = ("cosine", "constant")
+# BatchNorm re-estimation during QAT is what recovers a MobileNetV3-style net (bench/qat.py): the statistics follow
+# the quantized network, then are frozen for the last epochs so the weights settle on the folded op that is deployed.
+FREEZE_BN_EPOCHS = 2
 
 
 @dataclass
@@ -39,9 +43,12 @@ class FinetuneResult:
 
 def finetune(model: nn.Module, train: Any, val: Any = None, *, task: str = "classification", epochs: int = 3,
              lr: float = 1e-4, batch_size: int = 64, schedule: str = "cosine", patience: int = 2,
-             weight_decay: float = 0.0, seed: int = 0) -> FinetuneResult:
+             weight_decay: float = 0.0, seed: int = 0, freeze_bn_epochs: int = FREEZE_BN_EPOCHS) -> FinetuneResult:
     """Train a prepared module on `train` = (inputs, labels) arrays or an edgeq.Dataset with labels; early-stop on
-    `val` (same forms; its score is top-1 % for classification, -MSE for regression).
+    `val` (same forms; its score is top-1 % for classification, -MSE for regression). BatchNorm statistics (of the
+    Conv+BN pairs, trained unfolded) follow the quantized network's batches, then are frozen for the last
+    `freeze_bn_epochs` epochs (the first epoch always updates them); an epoch with live statistics that ends below
+    the best score so far is undone and the statistics are frozen from then on (its history entry says bn_frozen).
 
     >>> result = edgeq.qat.finetune(qat, (x_train, y_train), (x_val, y_val), epochs=4, lr=1e-4)   # doctest: +SKIP
     >>> result.best_epoch, result.best_score                                                     # doctest: +SKIP
@@ -69,7 +76,9 @@ def finetune(model: nn.Module, train: Any, val: Any = None, *, task: str = "clas
         best_state = copy.deepcopy(model.state_dict())
         result.history.append({"epoch": 0, "loss": None, "val_score": result.best_score})
     since_best = 0
+    first_frozen = max(1, epochs - freeze_bn_epochs) + 1
     for epoch in track(range(1, epochs + 1), "quantization-aware training", total=epochs):
+        freeze_bn(model, epoch >= first_frozen)
         model.train()
         order = torch.randperm(len(x), generator=generator)
         total, count = 0.0, 0
@@ -88,12 +97,17 @@ def finetune(model: nn.Module, train: Any, val: Any = None, *, task: str = "clas
             if entry["val_score"] > result.best_score:
                 result.best_score, result.best_epoch, since_best = entry["val_score"], epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
+            elif epoch < first_frozen and entry["val_score"] < result.best_score:
+                # Live statistics made it worse (a large learning rate can derail them): back to the best state, frozen.
+                model.load_state_dict(best_state)
+                first_frozen, entry["bn_frozen"] = epoch + 1, True
             else:
                 since_best += 1
         result.history.append(entry)
         if vx is not None and since_best >= patience:
             result.stopped_early = epoch < epochs
             break
+    freeze_bn(model, False)
     if best_state is not None:
         model.load_state_dict(best_state)
     elif epochs:
