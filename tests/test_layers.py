@@ -10,7 +10,7 @@ import edgeq
 # Bottom to top. A module belongs to the longest prefix listed; every module must belong to one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and runtimes", ("edgeq.errors", "edgeq.atomic", "edgeq.interrupts", "edgeq.progress", "edgeq.memory",
-                           "edgeq.formats", "edgeq.model", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
+                           "edgeq.formats", "edgeq.model", "edgeq.runtimes", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
                            "edgeq.sqnr")),
     ("calibration and passes", ("edgeq.calibrate", "edgeq.quantize.repair")),
     ("quantize", ("edgeq.quantize", "edgeq.qat")),

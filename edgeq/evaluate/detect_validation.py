@@ -12,7 +12,7 @@ from edgeq.evaluate.detection import DEFAULT_IOU, detect_layout, resolve_decoder
 from edgeq.evaluate.detection.decoders import DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.tasks.detect import detect_columns, detect_metrics
-from edgeq.evaluate.validation import _fingerprinted, _load, _Reference, _run, _runs
+from edgeq.evaluate.validation import _fingerprinted, _load, _Reference, _run, _runs, follow_layout, layout_notes
 from edgeq.model import Model
 
 
@@ -41,7 +41,9 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
     iou = DEFAULT_IOU.get(decoder, 0.5) if iou is None else iou
     notes.append(f"boxes after score threshold {score_threshold:g}, NMS IoU {iou:g}, at most {max_detections} per image; "
                  "matched at IoU 0.5 within a class")
-    ref = _Reference.open(reference, subject, names)
+    ref = _Reference.open(reference)
+    follow_layout(subject, data, ref.model)
+    ref.match(subject, names)
     digest = hashlib.sha256()
     stream = _fingerprinted(data, digest)
     session = subject.session()
@@ -59,7 +61,7 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
     metrics = detect_metrics(cols)
     return ValidationRecord(label, data.description, names[0], "box_f1", len(cols["box_f1"]), metrics,
                             {k: cols[k] for k in metrics}, "sha256:" + digest.hexdigest(), None, ref.label, {},
-                            [*data.notes, *stream.notes, *notes])
+                            [*data.notes, *stream.notes, *notes, *layout_notes(subject, ref)])
 
 
 def detector_head(model: Path | str | Model) -> str | None:
