@@ -319,6 +319,10 @@ def measure(path: str | Path, config: BenchConfig) -> BenchRecord:
 def _prepare(model, path: Path, config: BenchConfig) -> tuple[list[TensorSpec], dict[str, np.ndarray], str, list[str]]:
     """The loaded model's input specs and the feed: the first batch of the data, or random inputs."""
     notes: list[str] = []
+    fixed = getattr(model, "fixed_batch", None)
+    if fixed and fixed != config.batch:  # LiteRT pads or splits other batches: timing them would time another
+        notes.append(f"batch {fixed}: the model's batch dim is fixed at {fixed}")
+        config = dataclasses.replace(config, batch=fixed)
     if config.data is not None:
         follow = getattr(model, "follow", None)
         if follow is not None:  # a runtime whose layout may differ from the data's (LiteRT's NHWC) takes the data's

@@ -13,12 +13,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                            "edgeq.formats", "edgeq.model", "edgeq.runtimes", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
                            "edgeq.sqnr")),
     ("calibration and passes", ("edgeq.calibrate", "edgeq.quantize.repair")),
-    ("quantize", ("edgeq.quantize", "edgeq.qat")),
+    ("quantize and export", ("edgeq.quantize", "edgeq.qat", "edgeq.export")),
     ("evaluate and bench", ("edgeq.evaluate", "edgeq.decide", "edgeq.bench", "edgeq.bench_table", "edgeq.rounds",
                             "edgeq.qat.run")),
     ("report", ("edgeq.report",)),
     ("analyze and auto", ("edgeq.analyze", "edgeq.auto", "edgeq.executor")),
-    ("cli", ("edgeq", "edgeq.cli", "edgeq.render", "edgeq.demo")),
+    ("cli", ("edgeq", "edgeq.cli", "edgeq.cli_export", "edgeq.render", "edgeq.demo")),
 ]
 OUTSIDE = ("edgeq.testing",)   # may import any layer; no layer may import it
 ROOT = Path(edgeq.__file__).parent

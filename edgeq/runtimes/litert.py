@@ -7,7 +7,10 @@ adaptation is said once, in `notes`. `ai_edge_litert` is imported lazily: it is 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,29 @@ def is_tflite(path: Path) -> bool:
             return fh.read(8)[4:8] == MAGIC
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def quiet(log: Path) -> Iterator[None]:
+    """What LiteRT and its converters print on fd 1 and 2 (C++ logging, progress) goes to `log`: edgeq's stderr is
+    one line per error."""
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "w") as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def last_error(log: Path) -> str:
+    """The last line of a quiet log that names an error, on one line."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "rror" in line]
+    return " ".join((lines[-1] if lines else "").split())[:300]
 
 
 def interpreter_class() -> Any:
@@ -57,7 +83,11 @@ class _Port:
 
     @property
     def view(self) -> TensorSpec:
+        """The spec the caller sees: float for quantized I/O, NCHW when transposed, and a fixed batch dim open (the
+        session pads a shorter batch to it and splits a longer one)."""
         shape = self.native.shape
+        if shape and isinstance(shape[0], int):
+            shape = (None, *shape[1:])
         if self.transpose:
             shape = tuple(shape[i] for i in _NHWC_TO_NCHW)
         return TensorSpec(self.native.name, np.dtype("float32") if self.quantized else self.native.dtype, shape)
@@ -94,6 +124,12 @@ class TfliteModel:
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch dim the file fixes (litert-torch's files all fix one), if its inputs share one."""
+        fixed = {p.native.shape[0] for p in self.ins if p.native.rank and isinstance(p.native.shape[0], int)}
+        return fixed.pop() if len(fixed) == 1 else None
 
     def op_types(self) -> list[str]:
         """The builtin operator of every node, in execution order (`CONV_2D`, `FULLY_CONNECTED`, ...)."""
@@ -150,14 +186,17 @@ def load(path: Path) -> TfliteModel:
     return model
 
 
-def _interpreter(path: Path, threads: int):
+def _interpreter(path: Path, threads: int, **options: Any):
     cls = interpreter_class()
-    try:
-        interpreter = cls(model_path=str(path), num_threads=threads)
-        interpreter.allocate_tensors()
-    except (ValueError, RuntimeError) as exc:
-        text = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ModelError(f"LiteRT cannot load {path}: {text}", "check that the file is a complete .tflite model") from None
+    with tempfile.TemporaryDirectory(prefix="edgeq-litert-") as tmp:
+        log = Path(tmp) / "log.txt"
+        try:
+            with quiet(log):
+                interpreter = cls(model_path=str(path), num_threads=threads, **options)
+                interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            text = last_error(log) or " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ModelError(f"LiteRT cannot load {path}: {text}", "check that the file is a complete .tflite model") from None
     return interpreter
 
 
@@ -171,9 +210,18 @@ class TfliteSession:
                         for p, d in zip(model.ins, self.interpreter.get_input_details())}
 
     def run(self, outputs: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batch, rows = self.model.fixed_batch, {np.shape(v)[0] for v in feed.values() if np.ndim(v)}
+        if batch and len(rows) == 1 and rows.pop() > batch:  # longer than the fixed batch: run in slices of it
+            parts = [self._run(outputs, {k: v[i:i + batch] for k, v in feed.items()})
+                     for i in range(0, len(next(iter(feed.values()))), batch)]
+            return [np.concatenate(chunks) for chunks in zip(*parts)]
+        return self._run(outputs, feed)
+
+    def _run(self, outputs: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         model = self.model
         values = _by_port(model.ins, feed)
         native = [_to_native(port, value) for port, value in zip(model.ins, values)]
+        native, rows = _padded(model.ins, native)
         resized = False
         for port, value in zip(model.ins, native):
             if self._shapes[port.index] != value.shape:
@@ -191,7 +239,21 @@ class TfliteSession:
             raise ModelError(f"LiteRT failed to run {model.path} on inputs {shapes}: {' '.join(str(exc).split())[:300]}",
                              "check that the data matches the model's inputs (shapes, dtypes)") from None
         wanted = model.outs if outputs is None else [_port_named(model.outs, n) for n in outputs]
-        return [_from_native(port, self.interpreter.get_tensor(port.index)) for port in wanted]
+        results = [_from_native(port, self.interpreter.get_tensor(port.index)) for port in wanted]
+        return results if rows is None else [r[:rows] for r in results]
+
+
+def _padded(ports: list[_Port], values: list[np.ndarray]) -> tuple[list[np.ndarray], int | None]:
+    """A batch shorter than a fixed batch dim (the last batch of a data set) padded with zeros to it, and the rows
+    that are data (None when nothing was padded): a fixed batch cannot be resized when the graph reshapes by it."""
+    fixed = {p.native.shape[0] for p in ports if p.native.rank and isinstance(p.native.shape[0], int)}
+    rows = {v.shape[0] for v in values if v.ndim}
+    if len(fixed) != 1 or len(rows) != 1 or len(ports) != len(values):
+        return values, None
+    batch, n = fixed.pop(), rows.pop()
+    if n >= batch:
+        return values, None
+    return [np.concatenate([v, np.zeros((batch - n, *v.shape[1:]), v.dtype)]) if v.ndim else v for v in values], n
 
 
 def _by_port(ports: list[_Port], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
