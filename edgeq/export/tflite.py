@@ -6,7 +6,7 @@ on the same input. FP16 casts the weights of convolutions and fully connected la
 compute). INT8 is the quantizer's `static_wi8_ai8` recipe: int8 weights per channel, int8 activations, int8 model I/O
 (the LiteRT session quantizes float data with the input's scale); its activation ranges are edgeq's (`ranges="edgeq"`:
 edgeq's histogram observers on every tensor of the FP32 `.tflite`, the range by `method`) or the quantizer's own
-min/max calibration (`ranges="converter"`). Everything here but the dataclass imports torch and LiteRT lazily: it is
+min/max calibration (`ranges="converter"`: a moving average of per-sample min/max). Everything here but the dataclass imports torch and LiteRT lazily: it is
 the optional extra `edgeq[tflite]`.
 
 >>> export_tflite("model.onnx", "model_int8.tflite", "int8", calib=edgeq.open_data("calib.npz"))   # doctest: +SKIP
@@ -15,6 +15,7 @@ TfliteExport(path=PosixPath('model_int8.tflite'), precision='int8', ...)
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class TfliteExport:
     size_bytes: int
     fp32_size_bytes: int
     fp32_max_abs_diff: float   # FP32 .tflite against ONNX Runtime on the same input
-    ranges: str | None = None  # INT8: "edgeq (mse)" or "converter (minmax)"
+    ranges: str | None = None  # INT8: "edgeq (mse)" or "converter (moving-average min/max)"
     calibration_samples: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -135,7 +136,8 @@ def _convert(model: Model, specs: list[TensorSpec], path: Path) -> None:
     sample = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype.name)) for s in specs)
     log = path.with_suffix(".log")
     try:
-        with _quiet(log), torch.no_grad():
+        with _quiet(log), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's deprecation notices are for litert-torch's authors
             litert_torch.convert(module, sample).export(str(path))
     except UserError:
         raise
@@ -216,7 +218,7 @@ def _int8(fp32: Path, path: Path, feeds: list[list[np.ndarray]], ranges: str, me
         qsvs = _edgeq_qsvs(fp32, qsvs, signature, method)
     with _quiet(log):
         qt.quantize(qsvs).export_model(str(path), overwrite=True)
-    result.ranges = f"{ranges} ({'minmax' if ranges == 'converter' else method})"
+    result.ranges = f"{ranges} ({'moving-average min/max' if ranges == 'converter' else method})"
     result.calibration_samples = sum(len(feed[0]) if np.ndim(feed[0]) else 1 for feed in feeds)
     return path
 
@@ -224,7 +226,9 @@ def _int8(fp32: Path, path: Path, feeds: list[list[np.ndarray]], ranges: str, me
 def _edgeq_qsvs(fp32: Path, template: dict[str, dict], signature: list[dict[str, np.ndarray]], method: str) -> dict:
     """Every tensor the quantizer wants a range for, observed by edgeq's histogram observer over the calibration
     feeds run through the FP32 `.tflite` (all intermediate tensors kept), its range chosen by `method`."""
-    interpreter = interpreter_class()(model_path=str(fp32), experimental_preserve_all_tensors=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LiteRT warns that keeping every tensor costs memory: calibration needs them
+        interpreter = interpreter_class()(model_path=str(fp32), experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     runner = interpreter.get_signature_runner(_SIGNATURE)
     index = {d["name"]: d["index"] for d in interpreter.get_tensor_details()}

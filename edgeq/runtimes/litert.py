@@ -44,7 +44,8 @@ def quiet(log: Path) -> Iterator[None]:
         try:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
-            yield
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):  # where sys.stdout is not fd 1
+                yield
         finally:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
