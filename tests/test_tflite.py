@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import edgeq
+from edgeq import runtimes
 from edgeq.runtimes import runtime_for
 from tests.conftest import make_conv_model
 from tests.test_reliability import assert_user_error, cli
@@ -115,7 +116,7 @@ def test_fp16_tflite_has_float16_weights_and_float32_io(exported):
 @needs_tflite
 def test_an_nhwc_tflite_takes_nchw_data_transposed_and_says_so_once(exported):
     folder, _ = exported
-    model = edgeq.runtimes.load(folder / "nhwc.tflite")
+    model = runtimes.load(folder / "nhwc.tflite")
     assert model.ins[0].native.shape == (1, 8, 8, 1)
     record = edgeq.validate(folder / "nhwc.tflite", edgeq.open_data(folder / "data.npz"), reference=folder / "tiny.onnx")
     assert record.metrics["top1_agreement"].value == 100.0
@@ -145,3 +146,16 @@ def test_export_cli_writes_one_line_and_refuses_clearly(exported, tmp_path):
     onnx.save(proto, tmp_path / "softsign.onnx")
     assert_user_error(cli(tmp_path, "export", "softsign.onnx", "-o", "c.tflite"), "Softsign")
     assert not (tmp_path / "b.tflite").exists() and not (tmp_path / "c.tflite").exists()
+
+
+@needs_tflite
+def test_analyze_lists_what_each_operator_of_a_tflite_computes_in(exported):
+    folder, _ = exported
+    int8 = edgeq.analyze(folder / "int8.tflite")
+    assert int8.support.counts["int8"] == len(int8.support.nodes) > 0 and int8.layers == 3
+    fp32 = edgeq.analyze(folder / "fp32.tflite", calib=folder / "calib.npz")
+    assert fp32.support.counts["int8"] == 0 and "CONV_2D" in fp32.support.float_ops
+    assert any("the data was not used" in f for f in fp32.findings)
+    proc = cli(folder, "analyze", "fp32.tflite")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 of 5 operators compute in integers" in proc.stdout and "FULLY_CONNECTED" in proc.stdout

@@ -111,7 +111,8 @@ class TfliteModel:
     path: Path
     ins: list[_Port]
     outs: list[_Port]
-    ops: list[dict]
+    ops: list[dict]                    # the interpreter's op details: op_name, inputs, outputs (tensor indices)
+    types: dict[int, str] = field(default_factory=dict)  # tensor index -> element type, as the flatbuffer stores it
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -177,9 +178,13 @@ def _dims(shape: tuple) -> str:
 
 def load(path: Path) -> TfliteModel:
     """Open the flatbuffer in the interpreter (a file it refuses is a ModelError) and read its ports and ops."""
-    interpreter = _interpreter(path, 1)
+    # Without the default delegate, so that the op list is the file's (XNNPACK would stand in for most ops).
+    from ai_edge_litert.interpreter import OpResolverType
+
+    interpreter = _interpreter(path, 1, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     ops = interpreter._get_ops_details()  # noqa: SLF001 - the interpreter's only view of the op list
-    model = TfliteModel(path, _ports(interpreter.get_input_details()), _ports(interpreter.get_output_details()), ops)
+    types = {int(d["index"]): np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()}
+    model = TfliteModel(path, _ports(interpreter.get_input_details()), _ports(interpreter.get_output_details()), ops, types)
     for port in model.ins:
         if port.quantized:
             model.notes.append(f"{port.native.name}: float data quantized to the model's {port.native.dtype} input "
