@@ -8,54 +8,45 @@ from typing import Annotated, Optional
 import typer
 
 from edgeq.errors import UserError
+from edgeq.export.tflite import METHODS, PRECISIONS, RANGES
 
 
-class Target(str, Enum):
-    tflite = "tflite"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A typer choice from the exporter's own vocabulary (no second copy of it here)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class TflitePrecision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class Ranges(str, Enum):
-    edgeq = "edgeq"
-    converter = "converter"
-
-
-class RangeMethod(str, Enum):
-    minmax = "minmax"
-    percentile = "percentile"
-    entropy = "entropy"
-    mse = "mse"
+Target = _choices("Target", ("tflite",))
+TflitePrecision = _choices("TflitePrecision", PRECISIONS)
+Ranges = _choices("Ranges", RANGES)
+RangeMethod = _choices("RangeMethod", METHODS)
 
 
 def export(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the .tflite file.")],
-    to: Annotated[Target, typer.Option("--to", help="Target format.")] = Target.tflite,
-    precision: Annotated[TflitePrecision, typer.Option(help="fp32, fp16 (float16 weights, float32 I/O) or int8 (full integer).")] = TflitePrecision.fp32,
+    to: Annotated[Target, typer.Option("--to", help="Target format.")] = "tflite",
+    precision: Annotated[TflitePrecision, typer.Option(help="fp32, fp16 (float16 weights, float32 I/O) or int8 (full integer).")] = "fp32",
     calib: Annotated[Optional[Path], typer.Option(help="Calibration DATA for int8.")] = None,
-    ranges: Annotated[Ranges, typer.Option(help="int8 activation ranges: edgeq's observers or the converter's own min/max.")] = Ranges.edgeq,
-    method: Annotated[RangeMethod, typer.Option(help="edgeq's range method for int8.")] = RangeMethod.mse,
+    ranges: Annotated[Ranges, typer.Option(help="int8 activation ranges: edgeq's observers, or the converter's own (moving-average min/max).")] = "edgeq",
+    method: Annotated[RangeMethod, typer.Option(help="edgeq's range method for int8.")] = "mse",
     samples: Annotated[int, typer.Option(help="Calibration samples used for int8.")] = 512,
+    batch: Annotated[int, typer.Option(help="The batch dim the file fixes (a dynamic batch is fixed).")] = 1,
     preset: Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey.")] = "raw",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Convert an ONNX model to TFLite/LiteRT (FP32, FP16, or INT8 calibrated with edgeq's ranges); checked in LiteRT."""
     import edgeq
+    from edgeq.cli import out as console
     from edgeq.export import export_tflite
 
     if output.suffix != ".tflite":
         raise UserError(f"{output} does not end in .tflite", "name the output MODEL.tflite")
     data = edgeq.open_data(calib, preset) if calib else None
-    result = export_tflite(model, output, precision.value, data, ranges=ranges.value, method=method.value,
-                           samples=samples, force=force)
-    from edgeq.cli import out as console
-
-    line = (f"wrote {result.path} ({precision.value}, {result.size_bytes / 1e6:.2f} MB, {result.size_ratio:.2f}× the FP32 "
+    precision = TflitePrecision(precision).value
+    result = export_tflite(model, output, precision, data, ranges=Ranges(ranges).value, method=RangeMethod(method).value,
+                           samples=samples, batch=batch, force=force)
+    line = (f"wrote {result.path} ({precision}, {result.size_bytes / 1e6:.2f} MB, {result.size_ratio:.2f}× the FP32 "
             f"conversion; FP32 matches ONNX Runtime within {result.fp32_max_abs_diff:.2g})")
     if result.ranges:
         line += f"; activation ranges: {result.ranges} on {result.calibration_samples} samples"
