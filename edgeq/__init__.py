@@ -15,6 +15,7 @@ from edgeq.bench import BenchConfig, benchmark
 from edgeq.data import Dataset, ImagePreset, open_data
 from edgeq.decide import DecisionRule, decide
 from edgeq.evaluate import compare, validate
+from edgeq.export import export_tflite
 from edgeq.errors import UserError
 from edgeq.model import Model, TensorSpec, load
 from edgeq.quantize import QuantizedModel, quantize
@@ -23,5 +24,5 @@ from edgeq.quantize.config import Fp16, Int4WeightOnly, Int8Dynamic, Int8Static
 __all__ = ["BenchConfig", "Dataset", "DecisionRule", "Fp16", "ImagePreset", "Int4WeightOnly", "Int8Dynamic", "Int8Static", "Model",
            "QuantizedModel", "TensorSpec", "UserError", "benchmark", "compare", "decide", "load", "open_data", "quantize",
            "validate"]
-__all__ += ["QatSource", "analyze", "auto"]
+__all__ += ["QatSource", "analyze", "auto", "export_tflite"]
 __version__ = "0.1.0"

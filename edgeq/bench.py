@@ -169,6 +169,7 @@ class BenchRecord:
     input_shapes: dict[str, list[int]]
     feed: str  # "random" or the DATA path
     onnxruntime: str
+    runtime: str = ""  # the runtime that ran the model and its version: "ONNX Runtime 1.22.0", "LiteRT 2.3.0"
     times_ms: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     round_p50_ms: list[float] = field(default_factory=list)  # median of each round's burst, in round order
@@ -249,6 +250,7 @@ class Running:
     notes: list[str]
     session: Any
     base_kib: float
+    runtime: str = ""
     times_ms: list[np.ndarray] = field(default_factory=list)
 
     def time(self, count: int) -> np.ndarray:
@@ -263,12 +265,21 @@ class Running:
 
 def start(path: str | Path, config: BenchConfig) -> Running:
     """Load and check the model, build the feed, open the session and run the warm-up."""
+    from edgeq.runtimes import runtime_for
+
     path = Path(path)
     base_kib = rss_kib()
-    specs, feed, feed_label, notes = _prepare(path, config)
-    # The peak should show what ONNX Runtime needs, not edgeq's own validating load of the model, which is freed.
+    runtime = runtime_for(path)
+    model = runtime.load(path)
+    specs, feed, feed_label, notes = _prepare(model, path, config)
+    # The peak should show what the runtime needs, not edgeq's own validating load of the model, which is freed
+    # (a LiteRT model, small, is kept: it holds the layout the feed follows).
+    keep = model if hasattr(model, "follow") else None
+    del model
+    gc.collect()
     reset_peak()
-    running = Running(path, config, specs, feed, feed_label, notes, _session(path, config.threads), base_kib)
+    session = runtime.open(path, config.threads, spinning=False, model=keep)
+    running = Running(path, config, specs, feed, feed_label, notes, session, base_kib, runtime=f"{runtime.label} {runtime.version()}")
     if config.warmup:
         _time_runs(running.session, feed, config.warmup, path)
     return running
@@ -290,7 +301,7 @@ def finish(running: Running) -> BenchRecord:
         runs=len(times_ms), warmup=config.warmup, latency_ms=latency, throughput=batch / (latency.mean / 1000.0),
         peak_rss_mb=peak_kib / 1024.0, model_rss_mb=max(peak_kib - running.base_kib, 0) / 1024.0,
         input_shapes={k: list(v.shape) for k, v in running.feed.items()}, feed=running.feed_label,
-        onnxruntime=ort.__version__, times_ms=[float(t) for t in times_ms], notes=running.notes)
+        onnxruntime=ort.__version__, runtime=running.runtime, times_ms=[float(t) for t in times_ms], notes=running.notes)
 
 
 def measure(path: str | Path, config: BenchConfig) -> BenchRecord:
@@ -305,24 +316,29 @@ def measure(path: str | Path, config: BenchConfig) -> BenchRecord:
     return finish(running)
 
 
-def _prepare(path: Path, config: BenchConfig) -> tuple[list[TensorSpec], dict[str, np.ndarray], str, list[str]]:
-    """Load and check the model (usual ModelErrors), read its input specs, build the feed, free the model."""
-    from edgeq.model import load
-
-    model = load(path)
-    specs = model.inputs
-    del model
+def _prepare(model, path: Path, config: BenchConfig) -> tuple[list[TensorSpec], dict[str, np.ndarray], str, list[str]]:
+    """The loaded model's input specs and the feed: the first batch of the data, or random inputs."""
     notes: list[str] = []
+    fixed = getattr(model, "fixed_batch", None)
+    if fixed and fixed != config.batch:  # LiteRT pads or splits other batches: timing them would time another
+        notes.append(f"batch {fixed}: the model's batch dim is fixed at {fixed}")
+        config = dataclasses.replace(config, batch=fixed)
     if config.data is not None:
-        feed = data_feed(specs, config, notes)
+        follow = getattr(model, "follow", None)
+        if follow is not None:  # a runtime whose layout may differ from the data's (LiteRT's NHWC) takes the data's
+            from edgeq.data import open_data
+
+            first = next(open_data(config.data, config.preset).chunks())
+            follow({k: (None, *np.shape(v)[1:]) for k, v in first.inputs.items()})
+        feed = data_feed(model.inputs, config, notes)
         label = str(config.data)
         if config.shapes:
             notes.append("--shape was not used: the inputs come from the data")
     else:
-        feed = random_feed(specs, config, path.name)
+        feed = random_feed(model.inputs, config, path.name)
         label = "random"
-    gc.collect()
-    return specs, feed, label, notes
+    notes += getattr(model, "notes", [])
+    return model.inputs, feed, label, notes
 
 
 def data_feed(specs: list[TensorSpec], config: BenchConfig, notes: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -348,22 +364,6 @@ def _batch_of(feed: dict[str, np.ndarray], specs: list[TensorSpec]) -> int:
     return 1
 
 
-def _session(path: Path, threads: int):
-    """A CPU session like `edgeq.model.make_session`, with spinning off: a worker idle while the others take their
-    turn must not keep cores busy (with 2 threads on 2 cores, spinning workers slowed every model down)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 4
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; all mean "cannot load"
-        raise ModelError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}",
-                         "check that the model runs in ONNX Runtime (operators, opset, types)") from None
-
-
 def _time_runs(session, feed: dict[str, np.ndarray], count: int, path: Path) -> np.ndarray:
     """`count` timed runs; returns milliseconds per run."""
     try:
@@ -374,6 +374,8 @@ def _time_runs(session, feed: dict[str, np.ndarray], count: int, path: Path) -> 
             times[i] = time.perf_counter_ns() - begin
     except Exception as exc:  # noqa: BLE001 - a run failure is almost always inputs that do not fit the model
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
+        if isinstance(exc, ModelError):
+            raise
         raise ModelError(f"ONNX Runtime failed to run {path} on inputs {shapes}: {_first_line(exc)}",
                          "check that --shape/--data match the model's inputs") from None
     return times / 1e6
@@ -390,19 +392,7 @@ def model_size(path: str | Path) -> tuple[int, list[str]]:
     >>> model_size("model.onnx")            # doctest: +SKIP
     (1203345, ['model.onnx'])
     """
-    import onnx
-    from onnx import external_data_helper
+    from edgeq.runtimes import runtime_for
 
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in external_data_helper._get_all_tensors(proto)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    folder = path.resolve().parent
-    files = [path] + [folder / loc for loc in sorted(locations)]
+    files = runtime_for(path).files(Path(path))
     return sum(f.stat().st_size for f in files), [str(f) for f in files]
-

@@ -42,13 +42,21 @@ def _title(records: Sequence) -> str:
     if not records:
         return "benchmark"
     r = records[0]
-    return f"ONNX Runtime {r.onnxruntime} CPU, {r.threads} thread{'s' if r.threads != 1 else ''}, batch {r.batch}, {r.runs} runs in {max(len(r.round_p50_ms), 1)} rounds"
+    return f"{' + '.join(dict.fromkeys(_runtime(x) for x in records))} CPU, {r.threads} thread{'s' if r.threads != 1 else ''}, batch {r.batch}, {r.runs} runs in {max(len(r.round_p50_ms), 1)} rounds"
+
+
+def _runtime(record) -> str:
+    """The runtime and version that ran a record (records written before the runtime seam ran in ONNX Runtime)."""
+    return record.runtime or f"ONNX Runtime {record.onnxruntime}"
 
 
 def _labels(records: Sequence) -> list[str]:
-    # Two files may share a stem (a/model.onnx, b/model.onnx): show their paths then.
+    # Two files may share a stem (a/model.onnx, b/model.onnx): show their paths then; with several runtimes in the
+    # table, each row names its own.
     names = [r.name for r in records]
-    return [r.path if names.count(r.name) > 1 else r.name for r in records]
+    labels = [r.path if names.count(r.name) > 1 else r.name for r in records]
+    runtimes = [_runtime(r).rsplit(" ", 1)[0] for r in records]
+    return [f"{label} ({runtime})" for label, runtime in zip(labels, runtimes)] if len(set(runtimes)) > 1 else labels
 
 
 def _fmt_mb(mb: float) -> str:

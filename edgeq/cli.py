@@ -314,6 +314,11 @@ def demo(
     run_demo(output, epochs=epochs, force=force, console=out)
 
 
+from edgeq.cli_export import export  # noqa: E402 - registered after the commands above, in help order
+
+app.command(name="export")(export)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on stderr and exit 2 for user errors; exit 1 and a bug line otherwise."""
     args = list(sys.argv[1:] if argv is None else argv)

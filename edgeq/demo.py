@@ -1,7 +1,7 @@
 """The embedded default: a small CNN trained on scikit-learn's digits, taken through the whole workflow.
 
-train (torch, seeded) → export FP32 ONNX → FP16, INT8 dynamic, INT8 static → benchmark → validate → compare → decide
-→ report.json + report.html. torch is imported here only, never on the ONNX paths.
+train (torch, seeded) → export FP32 ONNX → FP16, INT8 dynamic, INT8 static (and FP32/FP16/INT8 TFLite with the
+edgeq[tflite] extra) → benchmark → validate → compare → decide → report.json + report.html. torch is imported here only, never on the ONNX paths.
 """
 from __future__ import annotations
 
@@ -125,6 +125,7 @@ def run_demo(output: Path, *, epochs: int = 8, force: bool = False, console: Con
         q = edgeq.quantize(fp32, config, calib=calib if isinstance(config, edgeq.Int8Static) else None)
         paths[name] = q.save(folder.path(f"models/{name}.onnx"), force=True)
         summaries[name] = q.summary.to_dict()
+    tflite_rows(fp32, calib, folder, paths, summaries, console)
     case = qat_case(model, split, fp32, calib, val, folder, paths, summaries, console) if qat else None
     report = measure(paths, val, summaries)
     if case is not None:
@@ -138,6 +139,32 @@ def run_demo(output: Path, *, epochs: int = 8, force: bool = False, console: Con
         print_qat_story(console, report["qat"])
     console.print(f"report: {folder.path('report.html')}")
     return report
+
+
+def tflite_rows(fp32, calib, folder, paths: dict, summaries: dict, console: Console) -> None:
+    """FP32, FP16 and INT8 (edgeq's ranges) TFLite files next to the ONNX models, when the edgeq[tflite] extra is
+    installed; fixed at the benchmark's batch, so LiteRT and ONNX Runtime are timed on the same work."""
+    from importlib.util import find_spec
+
+    if not all(find_spec(m) for m in ("ai_edge_litert", "litert_torch", "ai_edge_quantizer")):
+        console.print("TFLite rows left out: install the extra (pip install 'edgeq[tflite]') to add them", highlight=False)
+        return
+    from collections import Counter
+
+    from edgeq.export import export_tflite
+    from edgeq.runtimes.litert import load
+
+    for precision in ("fp32", "fp16", "int8"):
+        name = f"tflite-{precision}"
+        result = export_tflite(fp32, folder.path(f"models/{name}.tflite"), precision, calib if precision == "int8" else None,
+                               batch=BENCH_BATCH, force=True)
+        paths[name] = result.path
+        notes = [f"LiteRT: FP32 conversion within {result.fp32_max_abs_diff:.2g} of ONNX Runtime"] + result.notes
+        if result.ranges:
+            notes.append(f"activation ranges: {result.ranges} on {result.calibration_samples} samples")
+        # INT8 is full integer (every op), FP16 casts the weights of convolutions and fully connected layers
+        ops = Counter(op for op in load(result.path).op_types() if precision == "int8" or op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))
+        summaries[name] = {"quantized": dict(ops) if precision != "fp32" else {}, "notes": notes, "warnings": []}
 
 
 # Edge targets whose kernels cannot do per-channel int8 weights: per-tensor weights (many NPUs and microcontroller

@@ -1,7 +1,8 @@
 """Model files that are not ONNX, recognised from their first bytes (or a folder's layout) so that the error says
 what the file is and how to get an ONNX model from it, instead of "corrupt or truncated protobuf".
 
-edgeq reads ONNX only today (TFLite input is planned); each message names the converter that works now.
+edgeq quantizes ONNX models; `bench` and `validate` also run `.tflite` files (in LiteRT, `edgeq.runtimes`), and
+`edgeq export --to tflite` writes them. Each message names the converter to ONNX that works now.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def _recognise(path: Path) -> tuple[str, str] | None:
     except OSError:
         return None
     if head[4:8] == b"TFL3":
-        return ("a TensorFlow Lite flatbuffer", f"convert it: {_TF2ONNX} --tflite {path} --output model.onnx "
-                "(direct TFLite input is planned)")
+        return ("a TensorFlow Lite flatbuffer", f"`edgeq bench` and `edgeq validate` run it as it is; to quantize or analyze it, "
+                f"convert it: {_TF2ONNX} --tflite {path} --output model.onnx")
     if head.startswith(_HDF5):
         return "a Keras HDF5 model", "convert it with tf2onnx: pip install tf2onnx; tf2onnx.convert.from_keras(keras_model, output_path='model.onnx')"
     if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:

@@ -88,6 +88,10 @@ class Model:
     def session(self, threads: int = 1, optimize: bool = True):
         return make_session(self.proto, threads=threads, optimize=optimize)
 
+    def softmax_outputs(self) -> set[str]:
+        """The outputs a Softmax or LogSoftmax node writes (probabilities: scored as such)."""
+        return {o for node in self.proto.graph.node if node.op_type in ("Softmax", "LogSoftmax") for o in node.output}
+
 
 def opset_of(proto: onnx.ModelProto) -> int:
     for imp in proto.opset_import:
@@ -162,14 +166,17 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] if text else type(exc).__name__
 
 
-def make_session(proto_or_path: onnx.ModelProto | str | Path, threads: int = 1, optimize: bool = True):
-    """An ONNX Runtime CPU session with a fixed thread count (imported lazily: onnxruntime is heavy)."""
+def make_session(proto_or_path: onnx.ModelProto | str | Path, threads: int = 1, optimize: bool = True, spinning: bool = True):
+    """An ONNX Runtime CPU session with a fixed thread count (imported lazily: onnxruntime is heavy). Without
+    `spinning`, idle intra-op threads sleep instead of polling (the benchmark's workers take turns)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 4  # its errors reach the user as exceptions, turned into one line
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
@@ -181,6 +188,8 @@ def run_session(session, outputs: list[str] | None, feed: dict[str, np.ndarray],
     index out of range) as a ModelError naming the model and the data."""
     try:
         return session.run(outputs, feed)
+    except ModelError:  # another runtime's session (LiteRT) says itself what failed
+        raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : |/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\) ?", "", first)[:300]

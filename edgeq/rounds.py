@@ -189,6 +189,10 @@ def timing_warnings(records: Sequence) -> list[str]:
         if tail > TAIL_WARN:
             found.append(f"{r.name}: p90 is {tail:.1f}× p50 — runs were disturbed (background load, CPU throttling); "
                          "rerun on an idle machine before trusting these figures")
+    for r in records[1:]:
+        if r.batch != records[0].batch:
+            found.append(f"{r.name}: runs batch {r.batch}, the baseline batch {records[0].batch} — compare samples/s, "
+                         "not latency or speed-up")
     for r, s in list(zip(records, speedups(records)))[1:]:
         if len(r.round_p50_ms) < 4:
             continue  # too few rounds for a spread

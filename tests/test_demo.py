@@ -6,6 +6,10 @@ import sys
 import onnx
 import pytest
 
+import edgeq
+from edgeq import runtimes
+from tests.test_tflite import needs_tflite
+
 pytestmark = pytest.mark.slow
 
 
@@ -39,7 +43,10 @@ def test_int8_static_meets_the_issue_targets(demo):
 def test_every_model_is_valid_onnx_and_every_figure_is_there(demo):
     out, _, report = demo
     for m in report["models"]:
-        onnx.checker.check_model(m["path"])
+        if m["path"].endswith(".tflite"):
+            runtimes.load(m["path"])  # LiteRT opens it
+        else:
+            onnx.checker.check_model(m["path"])
         for key in ("size_mb", "p50_ms", "p90_ms", "p99_ms", "metric_value", "metric_ci95", "peak_rss_mb"):
             assert m[key] is not None
         assert m["p50_ms"] <= m["p90_ms"] <= m["p99_ms"]
@@ -70,3 +77,20 @@ def test_the_qat_case_is_found_by_measurement_and_recovers_half_the_loss(demo):
     assert f"QAT case ({case['setting']})" in stdout
     page = (out / "report.html").read_text()
     assert f"{case['setting']}-qat" in page
+
+
+@needs_tflite
+def test_tflite_rows_meet_the_issue_targets(demo):
+    """INT8 TFLite (edgeq's ranges) within 0.5 point of edgeq's INT8 ONNX, every tensor int8/int32, ≤ 0.30× FP32;
+    FP16 TFLite ≤ 0.55×; all in the same table as the ONNX models."""
+    from edgeq.export import tensor_types
+
+    _, stdout, report = demo
+    models = {m["name"]: m for m in report["models"]}
+    int8, fp16, fp32 = models["tflite-int8"], models["tflite-fp16"], models["tflite-fp32"]
+    assert abs(int8["metric_value"] - models["int8-static"]["metric_value"]) <= 0.5
+    assert set(tensor_types(int8["path"]).values()) <= {"int8", "int32"}
+    assert int8["size_ratio"] <= 0.30 and fp16["size_ratio"] <= 0.55
+    assert abs(fp32["metric_value"] - models["fp32"]["metric_value"]) <= 0.2
+    assert int8["bench"]["runtime"].startswith("LiteRT") and models["fp32"]["bench"]["runtime"].startswith("ONNX Runtime")
+    assert "tflite-int8" in stdout

@@ -10,15 +10,15 @@ import edgeq
 # Bottom to top. A module belongs to the longest prefix listed; every module must belong to one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and runtimes", ("edgeq.errors", "edgeq.atomic", "edgeq.interrupts", "edgeq.progress", "edgeq.memory",
-                           "edgeq.formats", "edgeq.model", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
+                           "edgeq.formats", "edgeq.model", "edgeq.runtimes", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
                            "edgeq.sqnr")),
     ("calibration and passes", ("edgeq.calibrate", "edgeq.quantize.repair")),
-    ("quantize", ("edgeq.quantize", "edgeq.qat")),
+    ("quantize and export", ("edgeq.quantize", "edgeq.qat", "edgeq.export")),
     ("evaluate and bench", ("edgeq.evaluate", "edgeq.decide", "edgeq.bench", "edgeq.bench_table", "edgeq.rounds",
                             "edgeq.qat.run")),
     ("report", ("edgeq.report",)),
     ("analyze and auto", ("edgeq.analyze", "edgeq.auto", "edgeq.executor")),
-    ("cli", ("edgeq", "edgeq.cli", "edgeq.cli_options", "edgeq.render", "edgeq.demo")),
+    ("cli", ("edgeq", "edgeq.cli", "edgeq.cli_options", "edgeq.cli_export", "edgeq.render", "edgeq.demo")),
 ]
 OUTSIDE = ("edgeq.testing",)   # may import any layer; no layer may import it
 ROOT = Path(edgeq.__file__).parent

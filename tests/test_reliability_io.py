@@ -245,12 +245,24 @@ def _tensorflow_files(folder: Path) -> dict[str, tuple[str, ...]]:
     (folder / "frozen.pb").write_bytes(b"\n\x0c\n\x05input\x12\x03Placeholder")
     (folder / "saved").mkdir()
     (folder / "saved" / "saved_model.pb").write_bytes(b"\x08\x01")
-    return {"model.tflite": ("TensorFlow Lite", "tf2onnx", "--tflite", "planned"), "model.h5": ("Keras HDF5", "from_keras"),
+    return {"model.tflite": ("TensorFlow Lite", "tf2onnx", "--tflite", "edgeq bench"), "model.h5": ("Keras HDF5", "from_keras"),
             "frozen.pb": ("frozen graph", "--graphdef"), "saved": ("SavedModel", "--saved-model")}
 
 
 @pytest.mark.parametrize("make", [_tensorflow_files, pytest.param(_torch_files, marks=pytest.mark.slow)])
 def test_other_model_formats_are_named_with_the_way_to_onnx(tmp_path, make):
     for name, words in make(tmp_path).items():
-        for command in (("quantize", name, "-o", "q.onnx", "--mode", "dynamic"), ("bench", name, "--runs", "1")):
+        benches = name != "model.tflite"  # bench runs a .tflite in LiteRT: tested below
+        for command in (("quantize", name, "-o", "q.onnx", "--mode", "dynamic"), ("bench", name, "--runs", "1"))[:1 + benches]:
             assert_user_error(cli(tmp_path, *command), name, "not an ONNX model", *words)
+
+
+def test_a_broken_tflite_file_is_one_line_from_bench(tmp_path):
+    """bench runs .tflite files in LiteRT: a truncated one is LiteRT's refusal (or, without the extra, how to get it)."""
+    (tmp_path / "model.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))
+    try:
+        import ai_edge_litert  # noqa: F401
+        words = ("LiteRT cannot load", "model.tflite")
+    except ImportError:
+        words = ("LiteRT interpreter", "edgeq[tflite]")
+    assert_user_error(cli(tmp_path, "bench", "model.tflite", "--runs", "1"), *words)

@@ -14,12 +14,13 @@ from pathlib import Path
 from edgeq.analyze.outliers import LayerOutliers, weight_outliers
 from edgeq.analyze.quality import DataQuality, data_quality
 from edgeq.analyze.sensitivity import Fidelity, LayerSensitivity, eval_inputs, full_int8_fidelity, sensitivity
-from edgeq.analyze.support import SupportReport, load_profile, operator_support, profiles
+from edgeq.analyze.support import SupportReport, file_support, load_profile, operator_support, profiles
 from edgeq.data import Dataset, open_data
 from edgeq.errors import UserError
 from edgeq.model import Model, load
 from edgeq.quantize.config import Int8Static
 from edgeq.quantize.qdq import Prepared, prepare_and_calibrate, prepare_static, quantizable_layers
+from edgeq.runtimes import runtime_for
 from edgeq.sqnr import BROKEN_SQNR_DB
 
 
@@ -51,7 +52,10 @@ def analyze(model: Model | str | Path, calib: Dataset | str | Path | None = None
             val: Dataset | str | Path | None = None, config: Int8Static | None = None, samples: int = 128,
             prepared: Prepared | None = None, minmax_ranges: dict | None = None) -> Analysis:
     """Run every analysis the inputs allow: outliers and operator support always; sensitivity and data quality
-    with `calib`; coverage of the validation activations with `val` too."""
+    with `calib`; coverage of the validation activations with `val` too. A `.tflite` file gets the listing of what
+    each of its operators computes in (the other analyses need the ONNX model)."""
+    if isinstance(model, (str, Path)) and runtime_for(model).name == "litert":
+        return _file_analysis(Path(model), calib is not None or val is not None)
     source = load(model) if isinstance(model, (str, Path)) else model
     calib = open_data(calib) if isinstance(calib, (str, Path)) else calib
     val = open_data(val) if isinstance(val, (str, Path)) else val
@@ -78,6 +82,21 @@ def analyze(model: Model | str | Path, calib: Dataset | str | Path | None = None
             minmax = prepare_and_calibrate(source, calib, config, method="minmax").ranges
         result.data = data_quality(prepared, calib, val, minmax)
     result.findings = notes + findings(result)
+    return result
+
+
+def _file_analysis(path: Path, data_given: bool) -> Analysis:
+    from edgeq.runtimes.litert import load as load_tflite
+
+    model = load_tflite(path)
+    weighted = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"}
+    result = Analysis(str(path), "this file (LiteRT)", sum(op in weighted for op in model.op_types()))
+    result.support = file_support(model.ops, model.types)
+    counts = result.support.counts
+    result.findings = [f"{path.name} is a .tflite file: {counts['int8']} of {len(model.ops)} operators compute in integers"
+                       + (f", float: {', '.join(result.support.float_ops)}" if result.support.float_ops else "")]
+    if data_given:
+        result.findings.append("sensitivity, outliers and data quality need the ONNX model: the data was not used")
     return result
 
 

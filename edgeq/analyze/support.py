@@ -105,3 +105,21 @@ def operator_support(proto: onnx.ModelProto, target: str | Path = "onnxruntime-c
     return SupportReport(profile["name"], profile.get("description", ""), counts, nodes,
                          sorted({n.op_type for n in nodes if n.status == "unsupported"}),
                          sorted({n.op_type for n in nodes if n.status == "float"}))
+
+
+def file_support(ops: list[dict], types: dict[int, str]) -> SupportReport:
+    """What a compiled file (a `.tflite`) computes each op in: int8 when its outputs are integer, float otherwise.
+
+    >>> file_support([{"op_name": "CONV_2D", "index": 0, "inputs": [0, 1], "outputs": [2]}],
+    ...              {0: "int8", 1: "int8", 2: "int8"}).counts
+    {'int8': 1, 'float': 0, 'unsupported': 0}
+    """
+    nodes = []
+    for op in ops:
+        outputs = [types.get(int(i), "float32") for i in op["outputs"] if int(i) >= 0]
+        integer = bool(outputs) and all(t.startswith(("int", "uint")) for t in outputs)
+        kind = "int8" if integer and op["op_name"] not in ("QUANTIZE", "DEQUANTIZE") else "float"
+        nodes.append(NodeSupport(f"{op['op_name']}:{op['index']}", str(op["op_name"]), kind, f"outputs {', '.join(outputs) or 'none'}"))
+    counts = {s: sum(n.status == s for n in nodes) for s in ("int8", "float", "unsupported")}
+    return SupportReport("this file (LiteRT)", "the operators of the .tflite file and the types they compute in", counts, nodes, [],
+                         sorted({n.op_type for n in nodes if n.status == "float"}))

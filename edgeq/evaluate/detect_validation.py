@@ -15,7 +15,7 @@ from edgeq.evaluate.detection.pooled import detections_record, pooled_map
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.stats import Estimate, contain
 from edgeq.evaluate.tasks.detect import detect_columns, detect_metrics
-from edgeq.evaluate.validation import _fingerprinted, _load, _Reference, _run, _runs
+from edgeq.evaluate.validation import _fingerprinted, _load, _Reference, _run, _runs, follow_layout, layout_notes
 from edgeq.model import Model
 
 
@@ -50,7 +50,10 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
     iou = DEFAULT_IOU.get(decoder, 0.5) if iou is None else iou
     notes.append(f"boxes after score threshold {score_threshold:g}, NMS IoU {iou:g}, at most {max_detections} per image; "
                  "matched at IoU 0.5 within a class")
-    ref = _Reference.open(reference, subject, names) if reference is not None else None
+    ref = _Reference.open(reference) if reference is not None else None
+    follow_layout(subject, data, None if ref is None else ref.model)
+    if ref is not None:
+        ref.match(subject, names)
     digest = hashlib.sha256()
     stream = _fingerprinted(data, digest)
     session = subject.session()
@@ -78,7 +81,7 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
     detections = detections_record(found, truths) if truths is not None else None
     return ValidationRecord(label, data.description, names[0], primary, len(found), metrics, per_sample,
                             "sha256:" + digest.hexdigest(), None, None if ref is None else ref.label, {},
-                            [*data.notes, *stream.notes, *notes], detections=detections)
+                            [*data.notes, *stream.notes, *notes, *layout_notes(subject, ref)], detections=detections)
 
 
 def detector_head(model: Path | str | Model) -> str | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,9 @@ from edgeq.evaluate.outputs import OutputFidelity
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.scoring import Scorer
 from edgeq.evaluate.tasks.lm import causal_lm_input
-from edgeq.model import Model, TensorSpec, load, run_session
+from edgeq import runtimes
+from edgeq.model import Model, TensorSpec, run_session
+from edgeq.runtimes import Runnable
 from edgeq.progress import track
 
 
@@ -43,15 +45,18 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
     """
     data = open_data(data) if isinstance(data, (str, Path)) else data
     subject, subject_label = _load(model)
+    ref = _Reference.open(reference) if reference is not None else None
+    follow_layout(subject, data, ref.model if ref else None)
     requested = list(outputs or ([output] if output else []))
     names = _output_names(subject, requested)
-    ref = _Reference.open(reference, subject, names) if reference is not None else None
+    if ref is not None:
+        ref.match(subject, names)
     digest = hashlib.sha256()
     stream = _fingerprinted(data, digest)
     # Perplexity needs no reference; with one, the metric is fidelity to it, as for any model.
     lm_input = causal_lm_input(subject) if ref is None and names[0] == subject.outputs[0].name else None
     specs = {o.name: o for o in subject.outputs}
-    softmax = _softmax_outputs(subject)
+    softmax = subject.softmax_outputs()
     scorer = Scorer(has_reference=ref is not None, lm_input=lm_input, named=tuple(requested),
                     outputs=[OutputFidelity(n, specs[n], n in softmax) for n in names])
     session = subject.session()
@@ -61,7 +66,7 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
         ys = _run(session, run_names, batch, subject_label, data.description)
         scorer.add(batch, ys, ref.run(batch, data.description) if ref else None)
     return scorer.record(subject_label, data.description, names[0], "sha256:" + digest.hexdigest(),
-                         reference=ref.label if ref else None, notes=[*data.notes, *stream.notes])
+                         reference=ref.label if ref else None, notes=[*data.notes, *stream.notes, *layout_notes(subject, ref)])
 
 
 def _runs(stream: Dataset, model: Model, batch_size: int) -> Iterator[Batch]:
@@ -81,11 +86,34 @@ def _run_count(data: Dataset, specs: list[TensorSpec], batch_size: int) -> int |
     return None if samples is None else -(-samples // max(fixed_batch_size(specs) or batch_size, 1))
 
 
-def _load(model: Path | str | Model) -> tuple[Model, str]:
+def _load(model: Path | str | Model) -> tuple[Runnable, str]:
     # An in-memory Model (e.g. a fresh QuantizedModel) may carry its source's path: name it, do not claim the file.
     if isinstance(model, Model):
         return model, f"<in memory: {model.name}>"
-    return load(model), str(model)
+    return runtimes.load(model), str(model)
+
+
+def follow_layout(subject: Runnable, data: Dataset, reference: Runnable | None) -> None:
+    """A runtime whose layout may differ from the data's (LiteRT's NHWC) takes the reference's layout, or, without
+    one, the data's (its first chunk's shapes); other models have one layout only."""
+    for model, like in ((subject, reference), (reference, subject)):
+        follow = getattr(model, "follow", None)
+        if follow is None:
+            continue
+        if like is not None and not hasattr(like, "follow"):
+            follow({s.name: s.shape for s in like.inputs}, {s.name: s.shape for s in like.outputs})
+        else:
+            first = next(data.chunks(), None)
+            if first is not None and not isinstance(data, Feeds):
+                follow({k: (None, *np.shape(v)[1:]) for k, v in first.inputs.items()})
+
+
+def layout_notes(subject: Runnable, ref: "_Reference | None") -> list[str]:
+    """What the runtimes adapted (LiteRT: quantized I/O, NHWC inputs), once each."""
+    notes = [*getattr(subject, "notes", [])]
+    if ref is not None:
+        notes += [f"reference {n}" for n in getattr(ref.model, "notes", [])]
+    return notes
 
 
 def _output_names(model: Model, requested: list[str]) -> list[str]:
@@ -94,10 +122,6 @@ def _output_names(model: Model, requested: list[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"the model has no output {', '.join(map(repr, unknown))}", f"name outputs among: {', '.join(names)}")
     return list(dict.fromkeys(requested)) or names
-
-
-def _softmax_outputs(model: Model) -> set[str]:
-    return {o for node in model.proto.graph.node if node.op_type in ("Softmax", "LogSoftmax") for o in node.output}
 
 
 def _run(session: Any, outputs: list[str], batch: Batch, label: str, where: str) -> dict[str, np.ndarray]:
@@ -110,19 +134,23 @@ def _run(session: Any, outputs: list[str], batch: Batch, label: str, where: str)
 class _Reference:
     """The reference model run on the same batches (cast to its own input dtypes)."""
 
-    model: Model
+    model: Runnable
     label: str
-    outputs: dict[str, str]  # the subject's output name -> the reference's
-    session: Any
+    outputs: dict[str, str] = field(default_factory=dict)  # the subject's output name -> the reference's
+    session: Any = None
 
     @classmethod
-    def open(cls, reference: Path | str | Model, subject: Model, names: list[str]) -> "_Reference":
+    def open(cls, reference: Path | str | Model) -> "_Reference":
         model, label = _load(reference)
-        theirs = [o.name for o in model.outputs]
+        return cls(model, label)
+
+    def match(self, subject: Runnable, names: list[str]) -> None:
+        """Pair the scored outputs with the reference's and open its session (after the layouts are settled)."""
+        theirs = [o.name for o in self.model.outputs]
         ours = [o.name for o in subject.outputs]
-        # Quantized models keep their outputs' names; a renamed one is matched by position.
-        matched = {n: n if n in theirs else theirs[min(ours.index(n), len(theirs) - 1)] for n in names}
-        return cls(model, label, matched, model.session())
+        # Quantized models keep their outputs' names; a renamed one (a converted one) is matched by position.
+        self.outputs = {n: n if n in theirs else theirs[min(ours.index(n), len(theirs) - 1)] for n in names}
+        self.session = self.model.session()
 
     def run(self, batch: Batch, where: str) -> dict[str, np.ndarray]:
         if batch.unbatched:
