@@ -1,4 +1,5 @@
-"""Benchmark ONNX models on ONNX Runtime: file size, latency percentiles, throughput and peak memory.
+"""Benchmark models in their runtime (ONNX Runtime, LiteRT for `.tflite`: `edgeq.runtimes`): file size, latency
+percentiles, throughput and peak memory.
 
 Every model is measured in a fresh Python process (a "worker"), so the memory one model leaves behind, and the
 memory of the calling process, never count against another model. The workers take turns in rounds

@@ -108,7 +108,7 @@ def quantize(
 
 @app.command()
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="ONNX models to measure.")],
+    models: Annotated[list[Path], typer.Argument(help="ONNX or .tflite models to measure (each in its runtime).")],
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 1,
     runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 5,
@@ -139,7 +139,7 @@ def bench(
 
 @app.command()
 def validate(
-    model: Annotated[Path, typer.Argument(help="ONNX model to evaluate.")],
+    model: Annotated[Path, typer.Argument(help="ONNX or .tflite model to evaluate.")],
     data: Annotated[Path, typer.Option(help="Validation DATA (labels give top-1 or MAE/RMSE).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Results JSON.")],
     reference: Annotated[Optional[Path], typer.Option(help="Reference model for fidelity when the data has no labels.")] = None,

@@ -179,6 +179,7 @@ def _dims(shape: tuple) -> str:
 def load(path: Path) -> TfliteModel:
     """Open the flatbuffer in the interpreter (a file it refuses is a ModelError) and read its ports and ops."""
     # Without the default delegate, so that the op list is the file's (XNNPACK would stand in for most ops).
+    interpreter_class()  # a missing extra is a ModelError saying how to install it
     from ai_edge_litert.interpreter import OpResolverType
 
     interpreter = _interpreter(path, 1, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
