@@ -95,7 +95,8 @@ def _positive_int(config: Recipe, name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{type(config).__name__}.{name} must be a whole number >= 1, not {value!r}", f"give {name} >= 1 (--{name.replace('_', '-')} on the command line)")
+        unset = ", or leave it unset to use all samples" if allow_none else ""
+        raise ConfigError(f"{name} is {value!r}", f"give a whole number of at least 1{unset} (--{name.replace('_', '-')} on the command line)")
 
 
 @dataclass(frozen=True)

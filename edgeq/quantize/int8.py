@@ -81,7 +81,11 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     symmetric = config.activation_type == "int8"
     auto = config.method == "auto"
     started = time.perf_counter()
-    seen = observe(prepared, calib, quantized_tensors(prepared.proto, config.op_types, tuple(config.exclude_nodes)), histogram=config.method != "minmax",
+    # Measured coverage may keep any node float, and a Reshape after a float node then needs a range of its own:
+    # observe every tensor then (PP-OCRv4 rec crashed with "Quantization parameters are not specified"), only what
+    # the quantizer reads otherwise.
+    wanted = quantized_tensors(prepared.proto, config.op_types, tuple(config.exclude_nodes)) if config.coverage == "all" else None
+    seen = observe(prepared, calib, wanted, histogram=config.method != "minmax",
                    batch_size=config.batch_size,
                    max_samples=config.max_samples, holdout=auto)
 
