@@ -44,6 +44,17 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def ort_preprocess(model: str | Path, out: str | Path) -> str:
+    """ONNX Runtime's documented pre-processing before its quantizers, written to OUT.pre.onnx (its symbolic shape
+    inference fails on PP-OCR and the detectors, so it is skipped, as ANCHORS.md found); it also folds Constant-node
+    weights into initializers, without which quantize_dynamic raises on PP-OCR."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = str(out) + ".pre.onnx"
+    quant_pre_process(str(model), pre, skip_symbolic_shape=True)
+    return pre
+
+
 def npz_reader(path: Path, batch: int = 1):
     """An ONNX Runtime CalibrationDataReader over an .npz keyed by input name."""
     import numpy as np

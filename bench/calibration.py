@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, markdown_table, peak_rss_mb, run_child  # noqa: E402
+from _common import emit, markdown_table, ort_preprocess, peak_rss_mb, run_child  # noqa: E402
 
 SIZES = (100, 500, 2000)
 EDGEQ = ("minmax", "percentile", "entropy", "mse", "auto")
@@ -50,15 +50,11 @@ def child(variant: str, model: str, calib: str, out: str, ort_per_channel: str =
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        # ONNX Runtime's documented pre-processing (folds PP-OCR's Constant-node weights into initializers; its
-        # symbolic shape inference fails on PP-OCR, so it is skipped as ANCHORS.md found)
-        quant_pre_process(model, out + ".pre.onnx", skip_symbolic_shape=True)
+        pre = ort_preprocess(model, out)
         phase = timed_ort_calibration()
         method = getattr(CalibrationMethod, variant.removeprefix("ort-"))
         # the same batches for ONNX Runtime (its histogram calibrators crash when the last batch is smaller)
-        quantize_static(out + ".pre.onnx", out, npy_dir_reader(Path(calib), onnx.load(model, load_external_data=False).graph.input[0].name), quant_format=QuantFormat.QDQ, per_channel=ort_per_channel == "1",
+        quantize_static(pre, out, npy_dir_reader(Path(calib), onnx.load(model, load_external_data=False).graph.input[0].name), quant_format=QuantFormat.QDQ, per_channel=ort_per_channel == "1",
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
         calibration_seconds, chosen = phase["end"] - phase["start"], None
     emit({"seconds": time.perf_counter() - start, "calibration_seconds": calibration_seconds, "peak_rss_mb": peak_rss_mb(),

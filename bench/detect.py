@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, markdown_table, npz_reader, peak_rss_mb, run_child  # noqa: E402
+from _common import emit, markdown_table, npz_reader, ort_preprocess, peak_rss_mb, run_child  # noqa: E402
 
 CASES = {  # name: (set kind, calibration images, validation images, the input shape to time)
     "YOLOv8n (nudenet)": ("people", 32, 32, {"images": (1, 3, 320, 320)}),
@@ -37,11 +37,8 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
         q.save(out, force=True)
     else:
         from onnxruntime.quantization import QuantFormat, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        pre = out + ".pre.onnx"
-        quant_pre_process(model, pre, skip_symbolic_shape=True)  # ONNX Runtime's documented pre-processing
-        quantize_static(pre, out, npz_reader(Path(calib)), quant_format=QuantFormat.QDQ, per_channel=variant.endswith("per-channel"))
+        quantize_static(ort_preprocess(model, out), out, npz_reader(Path(calib)), quant_format=QuantFormat.QDQ, per_channel=variant.endswith("per-channel"))
     emit({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
 
 

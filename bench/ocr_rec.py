@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, npz_reader  # noqa: E402
+from _common import markdown_table, npz_reader, ort_preprocess  # noqa: E402
 
 CALIB, VAL, WIDTH = 64, 128, 320
 VARIANTS = ("edgeq default (mse)", "edgeq --method percentile", "ort-static (QDQ, MinMax, per-tensor)", "ort-static per-channel")
@@ -30,11 +30,8 @@ def quantize(variant: str, fp32: Path, calib: Path, out: Path) -> None:
         edgeq.quantize(edgeq.load(fp32), edgeq.Int8Static(method=method), calib=edgeq.Dataset.from_npz(calib)).save(out, force=True)
         return
     from onnxruntime.quantization import QuantFormat, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)  # ORT's documented step; folds Constant weights
-    quantize_static(str(pre), str(out), npz_reader(calib, batch=8), quant_format=QuantFormat.QDQ, per_channel="per-channel" in variant)
+    quantize_static(ort_preprocess(fp32, out), str(out), npz_reader(calib, batch=8), quant_format=QuantFormat.QDQ, per_channel="per-channel" in variant)
 
 
 def measure(work: Path, runs: int) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, markdown_table, npz_reader, peak_rss_mb, run_child  # noqa: E402
+from _common import emit, markdown_table, npz_reader, ort_preprocess, peak_rss_mb, run_child  # noqa: E402
 
 OCR_CALIB, OCR_VAL = 8, 8
 OCR_SHAPE = (1, 3, 736, 992)
@@ -44,17 +44,6 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
 
             quantize_dynamic(model, out)
     emit({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
-
-
-def ort_preprocess(model: str, out: str) -> str:
-    """ONNX Runtime's documented pre-processing (its symbolic shape inference fails on both models, so it is skipped,
-    as ANCHORS.md found); it also folds Constant-node weights into initializers, without which quantize_dynamic
-    raises on PP-OCR."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    pre = out + ".pre.onnx"
-    quant_pre_process(model, pre, skip_symbolic_shape=True)
-    return pre
 
 
 def digits_case(work: Path) -> dict:
