@@ -75,8 +75,9 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
         notes.append(f"mAP on {sum(len(t) for t in truths)} labelled boxes of {len(truths)} images ({labels})")
     if ref is not None:
         cols = detect_columns(found, referenced)
-        metrics.update(detect_metrics(cols))
-        per_sample.update({k: cols[k] for k in detect_metrics(cols)})
+        agreement = detect_metrics(cols)
+        metrics.update(agreement)
+        per_sample.update({k: cols[k] for k in agreement})
     primary = "map50" if truths is not None else "box_f1"
     detections = detections_record(found, truths) if truths is not None else None
     return ValidationRecord(label, data.description, names[0], primary, len(found), metrics, per_sample,
