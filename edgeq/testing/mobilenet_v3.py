@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from edgeq.testing.cache import cached_folder
 
 TRAIN_EPOCHS = 12
 TRAIN_LR = 3e-3
@@ -141,15 +140,5 @@ def train_mobilenet_v3(folder: Path, *, epochs: int = TRAIN_EPOCHS, seed: int = 
 def cached_mobilenet_v3(*, epochs: int = TRAIN_EPOCHS, seed: int = 0, cache: Path | None = None) -> TrainedMobileNet:
     """The trained net, once per machine in `cache` (default $EDGEQ_CACHE or ~/.cache/edgeq); a cache that cannot be
     written gets a fresh copy in a temporary folder."""
-    root = Path(cache or os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq"))
-    folder = root / cache_key(epochs, seed)
-    if not (folder / "fp32.onnx").is_file():
-        staging = Path(tempfile.mkdtemp(prefix="edgeq-mobilenet-v3-"))
-        train_mobilenet_v3(staging, epochs=epochs, seed=seed)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(staging, folder.with_suffix(".tmp"), dirs_exist_ok=True)
-            os.replace(folder.with_suffix(".tmp"), folder)   # atomic: a concurrent run sees the whole folder or none
-        except OSError:
-            folder = staging
+    folder = cached_folder(cache_key(epochs, seed), "fp32.onnx", lambda staging: train_mobilenet_v3(staging, epochs=epochs, seed=seed), cache)
     return TrainedMobileNet(folder / "weights.pt", folder / "fp32.onnx")

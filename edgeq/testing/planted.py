@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from edgeq.testing.cache import cached_folder
 
 WIDTH = 32      # channels of every residual block: thinner convolutions run no faster in int8 than in float
 BLOCKS = 10     # residual blocks of two convolutions: 1 stem + 10×2 + 2 fully connected = 23 quantizable layers
@@ -113,17 +112,7 @@ def cache_key(epochs: int = TRAIN_EPOCHS, seed: int = 0) -> str:
 def cached_planted_model(*, epochs: int = TRAIN_EPOCHS, seed: int = 0, cache: Path | None = None) -> PlantedModel:
     """The planted model, trained once per machine (seeded, so the same model every time) and kept in
     `cache` (default $EDGEQ_CACHE or ~/.cache/edgeq); a read-only cache gets a fresh copy in a temporary folder."""
-    root = Path(cache or os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq"))
-    folder = root / cache_key(epochs, seed)
-    if not (folder / "planted.onnx").is_file():
-        staging = Path(tempfile.mkdtemp(prefix="edgeq-planted-"))
-        make_planted_model(staging, epochs=epochs, seed=seed)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(staging, folder.with_suffix(".tmp"), dirs_exist_ok=True)
-            os.replace(folder.with_suffix(".tmp"), folder)   # atomic: a concurrent run sees the whole folder or none
-        except OSError:
-            folder = staging
+    folder = cached_folder(cache_key(epochs, seed), "planted.onnx", lambda staging: make_planted_model(staging, epochs=epochs, seed=seed), cache)
     layers = quantizable_names(onnx.load(str(folder / "planted.onnx")))
     return PlantedModel(folder / "fp32.onnx", folder / "planted.onnx", list(DEFAULT_BROKEN), layers)
 
