@@ -19,19 +19,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, npz_reader, ort_preprocess  # noqa: E402
 
 CALIB, VAL, WIDTH = 64, 128, 320
-VARIANTS = ("edgeq default (mse)", "edgeq --method percentile", "ort-static (QDQ, MinMax, per-tensor)", "ort-static per-channel")
+VARIANTS = ("edgeq default (--method auto)", "edgeq --method mse", "ort-static (QDQ, MinMax, per-tensor)", "ort-static per-channel")
 
 
-def quantize(variant: str, fp32: Path, calib: Path, out: Path) -> None:
+def quantize(variant: str, fp32: Path, calib: Path, out: Path) -> str | None:
+    """Writes OUT; returns the method `--method auto` chose (None for the others)."""
     import edgeq
 
     if variant.startswith("edgeq"):
-        method = "percentile" if "percentile" in variant else "mse"
-        edgeq.quantize(edgeq.load(fp32), edgeq.Int8Static(method=method), calib=edgeq.Dataset.from_npz(calib)).save(out, force=True)
-        return
+        config = edgeq.Int8Static(method="mse") if "mse" in variant else edgeq.Int8Static()
+        q = edgeq.quantize(edgeq.load(fp32), config, calib=edgeq.Dataset.from_npz(calib))
+        q.save(out, force=True)
+        return q.summary.calibration.get("chosen")
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     quantize_static(ort_preprocess(fp32, out), str(out), npz_reader(calib, batch=8), quant_format=QuantFormat.QDQ, per_channel="per-channel" in variant)
+    return None
 
 
 def measure(work: Path, runs: int) -> list[dict]:
@@ -45,10 +48,12 @@ def measure(work: Path, runs: int) -> list[dict]:
     calib = work / "calib.npz"
     np.savez(calib, x=zoo.render_text_lines(CALIB, WIDTH, seed=0))
     val = zoo.render_text_lines(VAL, WIDTH, seed=1)
-    paths, failed = {"FP32": fp32}, {}
+    paths, failed, variant_label = {"FP32": fp32}, {}, {}
     for i, variant in enumerate(VARIANTS):
         path = work / f"rec_{i}.onnx"
-        quantize(variant, fp32, calib, path)
+        chosen = quantize(variant, fp32, calib, path)
+        if chosen:
+            variant_label[variant] = f"{variant}, chose {chosen}"
         try:
             onnx.checker.check_model(str(path))
             paths[variant] = path
@@ -63,7 +68,7 @@ def measure(work: Path, runs: int) -> list[dict]:
     rows = []
     for name, path in paths.items():
         steps = zoo.ctc_steps(make_session(onnx.load(path), threads=2).run(None, {"x": val})[0])
-        rows.append({"variant": name, "agreement": float(np.mean(steps == reference)),
+        rows.append({"variant": variant_label.get(name, name), "agreement": float(np.mean(steps == reference)),
                      "lines": float(np.mean([a == b for a, b in zip(zoo.ctc_decode(steps), text)])),
                      "size_mb": path.stat().st_size / 1e6,
                      "p50_1t": latency[1][name].latency_ms.p50, "p50_2t": latency[2][name].latency_ms.p50})

@@ -38,7 +38,7 @@ def quantize(
     precision: Annotated[Precision, typer.Option(help="Target precision.")] = Precision.int8,
     mode: Annotated[Mode, typer.Option(help="INT8 mode: static (calibrated, fastest) or dynamic (runtime scales).")] = Mode.static,
     calib: Annotated[Optional[Path], typer.Option(help="Calibration DATA for static INT8.")] = None,
-    method: Annotated[Method, typer.Option(help="Calibration method for activation ranges.")] = Method.mse,
+    method: Annotated[Method, typer.Option(help="Calibration method for activation ranges (auto: mse unless another observer's quantized outputs are clearly closer to FP32).")] = Method.auto,
     percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = True,
     activation_type: Annotated[ActivationType, typer.Option(help="Activation integer type (uint8 is fastest on x86).")] = ActivationType.uint8,

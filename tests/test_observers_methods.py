@@ -140,6 +140,19 @@ def test_holdout_batches_never_reach_the_observers(conv_model_path, conv_data):
     x = np.load(conv_data)["x"]
     kept = np.concatenate([x[i * 10:(i + 1) * 10] for i in range(20) if i % 5 != 4])
     assert seen.observers["x"].range() == (float(kept.min()), float(kept.max()))
+    seen.include_holdout()
+    assert seen.samples == 200 and not seen.holdout
+    assert seen.observers["x"].range() == (float(x.min()), float(x.max()))
+
+
+def test_too_few_held_back_samples_are_not_held_back(conv_model_path, conv_data):
+    """Holding back fewer than HOLDOUT_MIN samples would judge by too few and calibrate on less: none are."""
+    from edgeq.calibrate import HOLDOUT_MIN
+
+    model, data = edgeq.load(conv_model_path), edgeq.Dataset.from_npz(conv_data)
+    samples = 5 * 2 * (HOLDOUT_MIN // 2 - 1)  # batches of 2, every 5th held back: 2 short of HOLDOUT_MIN
+    seen = observe(model, data, ["x"], histogram=False, batch_size=2, max_samples=samples, holdout=True)
+    assert not seen.holdout and seen.samples == samples
 
 
 def test_binning_in_chunks_equals_binning_at_once(monkeypatch):

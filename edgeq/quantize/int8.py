@@ -7,13 +7,14 @@ import time
 import numpy as np
 import onnx
 
-from edgeq.calibrate import HOLDOUT_MAX, METHODS, Calibration, Observed, check_method, observe, to_calibration
+from edgeq.calibrate import Calibration, check_method, observe, to_calibration
 from edgeq.data import Dataset
 from edgeq.errors import ConfigError, DataError
 from edgeq.model import Model
 from edgeq.quantize.config import Int8Dynamic, Int8Static
 from edgeq.quantize.coverage import annotate, choose_for
 from edgeq.quantize.detection_head import explain_head, protect_head
+from edgeq.quantize.method_choice import MARGIN_DB, choose_method
 from edgeq.quantize.prepare import PER_CHANNEL_OPSET, prepare
 from edgeq.quantize.qdq import build_qdq, prepare_static, quantized_tensors, quiet_ort_logging
 from edgeq.quantize.repair import correct_bias
@@ -21,7 +22,6 @@ from edgeq.quantize.repair.adaround import adaround, describe
 from edgeq.quantize.subgraph_static import quantize_static_bodies
 from edgeq.quantize.subgraphs import merge, quantize_bodies, toposort
 from edgeq.quantize.summary import QuantSummary, summarize
-from edgeq.sqnr import sqnr_db
 
 
 
@@ -92,10 +92,11 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
     def qdq(ranges: dict[str, tuple], float_nodes: tuple[str, ...] = ()) -> Model:
         return build_qdq(prepared, config, ranges, exclude=float_nodes)
 
-    method, scores = config.method, None
+    method, scores, held_samples = config.method, None, sum(b.size for b in seen.holdout)
     if auto:
-        method, scores, held_note = _choose_method(prepared, calib, config, seen, qdq)
+        method, scores, held_note = choose_method(prepared, calib, config, seen, qdq)
         notes.append(held_note)
+        seen.include_holdout()
     cal = to_calibration(seen, method, percentile=config.percentile, symmetric=symmetric)
     calibration_seconds = time.perf_counter() - started
     result = qdq(cal.ranges)
@@ -112,8 +113,8 @@ def quantize_static(model: Model, config: Int8Static, calib: Dataset) -> tuple[M
                            "percentile": config.percentile if method == "percentile" else None}
     if auto:
         summary.calibration.update(requested="auto", chosen=method, output_sqnr_db=scores,
-                                   holdout_samples=sum(b.size for b in seen.holdout) or None)
-        summary.notes.append(f"--method auto chose {method}: output SQNR vs FP32 on held-back calibration data "
+                                   holdout_samples=held_samples or None)
+        summary.notes.append(f"--method auto chose {method} (mse unless another leads by {MARGIN_DB:g} dB): output SQNR vs FP32 "
                              + ", ".join(f"{m} {v:.1f} dB" for m, v in scores.items()))
     if repairs:
         summary.calibration["repairs"] = repairs
@@ -180,39 +181,3 @@ def _repair_notes(repairs: dict) -> list[str]:
     if "bias_correction" in repairs:
         notes.append(f"bias correction shifted the biases of {repairs['bias_correction']} layers by their mean output error on calibration data")
     return notes
-
-
-def _choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Observed, qdq) -> tuple[str, dict[str, float], str]:
-    """Quantize with every observer's ranges and keep the one whose final outputs are closest to FP32 (SQNR) on the
-    held-back calibration batches (never used for the ranges)."""
-    from edgeq.data import batches
-
-    held = seen.holdout
-    note = f"--method auto: output fidelity measured on {sum(b.size for b in held)} held-back calibration samples"
-    if not held:  # fewer than 5 batches: no batch was held back, measure on the first calibration samples instead
-        held = list(batches(calib, prepared.inputs, config.batch_size, max_samples=HOLDOUT_MAX))
-        note = (f"--method auto: the calibration data has too few batches to hold some back; output fidelity measured on "
-                f"{sum(b.size for b in held)} calibration samples")
-    reference = prepared.session(threads=0)
-    names = [o.name for o in reference.get_outputs()]
-    expected = [reference.run(names, b.inputs) for b in held]
-    scores = {}
-    from edgeq.progress import track
-
-    for method in track(METHODS, "--method auto: scoring each method", total=len(METHODS)):
-        session = qdq(seen.ranges(method, percentile=config.percentile, symmetric=config.activation_type == "int8")).session(threads=0)
-        got = [session.run(names, b.inputs) for b in held]
-        scores[method] = round(output_sqnr(expected, got), 2)
-    return max(scores, key=lambda m: (scores[m], -METHODS.index(m))), scores, note
-
-
-def output_sqnr(expected: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    """Mean over float outputs of their SQNR, 10·log10(Σ ref² / Σ (ref − q)²) in dB (`edgeq.sqnr`)."""
-    values = []
-    for k in range(len(expected[0])):
-        if expected[0][k].dtype.kind != "f":
-            continue
-        signal = sum(float(np.sum(np.square(e[k], dtype=np.float64))) for e in expected)
-        noise = sum(float(np.sum(np.square(e[k].astype(np.float64) - g[k]))) for e, g in zip(expected, got))
-        values.append(sqnr_db(signal, noise))
-    return float(np.mean(values)) if values else 0.0

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from edgeq.calibrate import check_method, float_tensors, observe, to_calibration
+from edgeq.quantize.method_choice import choose_method
 from edgeq.data import Dataset
 from edgeq.model import Model
 from edgeq.quantize.config import COMPUTE_OP_TYPES, Int8Static
@@ -108,18 +109,25 @@ def prepare_and_calibrate_each(model: Model, calib: Dataset, config: Int8Static,
     Every float tensor is observed: the analyses read ranges of tensors the quantizer does not, and a layer kept in
     float can make a reshape after it need a range of its own."""
     for method in methods:
-        check_method(method, config.percentile)
+        if method != "auto":
+            check_method(method, config.percentile)
     prepared, notes = prepare_static(model, config)
     config, head = protect_head(prepared.proto, config)  # analyze and auto build what `quantize` builds: head float
     if head is not None:
         notes.append(head.describe())
     seen = observe(prepared, calib, histogram=methods != ("minmax",), batch_size=config.batch_size,
-                   max_samples=config.max_samples)
+                   max_samples=config.max_samples, holdout="auto" in methods)
+    auto = None
+    if "auto" in methods:  # what `quantize` ships by default, chosen the same way (then every method's ranges see all data)
+        chosen, _, held_note = choose_method(prepared, calib, config, seen, lambda ranges: build_qdq(prepared, config, ranges))
+        auto = (chosen, [held_note, f"--method auto chose {chosen}"])
+        seen.include_holdout()
     out = {}
     for method in methods:
-        cal = to_calibration(seen, method, percentile=config.percentile, symmetric=config.activation_type == "int8")
-        out[method] = Prepared(prepared, quantizable_layers(prepared.proto), dict(cal.ranges), method, cal.samples,
-                               notes + list(cal.warnings), config)
+        chosen, why = auto if method == "auto" else (method, [])
+        cal = to_calibration(seen, chosen, percentile=config.percentile, symmetric=config.activation_type == "int8")
+        out[method] = Prepared(prepared, quantizable_layers(prepared.proto), dict(cal.ranges), chosen, cal.samples,
+                               notes + why + list(cal.warnings), config)
     return out
 
 
