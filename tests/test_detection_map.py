@@ -16,7 +16,7 @@ from edgeq.errors import DataError
 from edgeq.evaluate.detection import Detections, coco_map
 from edgeq.evaluate.detection.labels import read_detection_labels
 from edgeq.evaluate.detection.pooled import MapTable, pooled_map, resample_weights
-from edgeq.testing import detection_data as dd
+from edgeq.demo import detection_data as dd
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import edgeq
 from edgeq.model import load
 from edgeq.quantize.detection_head import find_head
 from edgeq.quantize.prepare import prepare
-from edgeq.testing import detection_data as dd
+from edgeq.demo import detection_data as dd
 
 
 def _session(proto_or_path) -> ort.InferenceSession:

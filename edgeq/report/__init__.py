@@ -162,6 +162,7 @@ def render_html(report: dict) -> str:
     details = "".join(
         f"<h3>{esc(m['name'])}</h3><ul>" + "".join(f"<li>{esc(line)}</li>" for line in m.get("details", [])) + "</ul>" for m in models if m.get("details"))
     env = "".join(f"<li>{esc(k)}: {esc(str(v))}</li>" for k, v in report.get("environment", {}).items())
+    detection = _detection_html(report.get("detection") or [], esc)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(report['title'])}</title>
 <style>
@@ -177,6 +178,22 @@ figure{{margin:1.5em 0}}
 <table id="models"><tr><th>model</th><th>size MB</th><th>size ratio</th><th>p50 ms</th><th>speed-up</th><th>{esc(models[0]['metric'])} [95% CI]</th><th>drop [paired 95% CI]</th><th>verdict</th></tr>{rows}</table>
 <figure id="tradeoff">{report['plot_svg']}</figure>
 <h2>Details</h2>{details}
-<h2>Environment</h2><ul>{env}</ul>
+{detection}<h2>Environment</h2><ul>{env}</ul>
 </body></html>
 """
+
+
+def _detection_html(rows: list[dict], esc) -> str:
+    """The demo's detectors (edgeq.demo.detection): judged on boxes after NMS, one row each."""
+    if not rows:
+        return ""
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in (
+            r["model"], r["images"], f"{r['size_ratio']:.2f}×", f"{r['p50_ms']['fp32']:.1f} → {r['p50_ms']['int8']:.1f} ({r['speedup']:.2f}×)",
+            f"{r['box_f1']:.3f} [{r['box_f1_ci95'][0]:.3f}, {r['box_f1_ci95'][1]:.3f}]",
+            f"{r['metric']} {r['fp32_value']:.3f} → {r['int8_value']:.3f}"))
+        + f"<td style='color:{VERDICT_COLOURS.get(r['verdict'])};font-weight:600'>{esc(r['verdict'])}</td></tr>" for r in rows)
+    reasons = "".join(f"<li>{esc(r['model'])}: {esc(reason)}</li>" for r in rows for reason in r["reasons"])
+    return ("<h2>Detectors: default static INT8, judged on boxes after NMS</h2><table id='detection'><tr><th>detector</th>"
+            "<th>images</th><th>size ratio</th><th>p50 ms FP32 → INT8</th><th>box F1 vs FP32 [95% CI]</th><th>task metric</th>"
+            f"<th>verdict</th></tr>{cells}</table><ul>{reasons}</ul>")

@@ -51,7 +51,7 @@ def docstring_texts(corpus: str = "stdlib") -> list[str]:
     """Every module, class and function docstring (of at least 200 characters) of the whole standard library
     (`corpus="stdlib"`, about 1 MB) or of the modules edgeq.testing.zoo draws sentences from (`"modules"`, about 0.35 MB),
     whitespace-normalised, ASCII only, in a fixed order."""
-    from edgeq.testing.zoo import stdlib_docstrings
+    from edgeq.demo.text import stdlib_docstrings
 
     texts = set()
     for raw in stdlib_docstrings(whole=corpus == "stdlib"):

@@ -1,7 +1,9 @@
 """The embedded default: a small CNN trained on scikit-learn's digits, taken through the whole workflow.
 
 train (torch, seeded) → export FP32 ONNX → FP16, INT8 dynamic, INT8 static (and FP32/FP16/INT8 TFLite with the
-edgeq[tflite] extra) → benchmark → validate → compare → decide → report.json + report.html. torch is imported here only, never on the ONNX paths.
+edgeq[tflite] extra) → benchmark → validate → compare → decide → report.json + report.html; then two real pretrained
+detectors (YOLOv8n, PP-PicoDet: `detection.py`) through default static INT8, judged on their boxes after NMS.
+torch is imported here only, never on the ONNX paths.
 """
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ def export_onnx(model, path: Path) -> Path:
     return path
 
 
-def run_demo(output: Path, *, epochs: int = 8, force: bool = False, console: Console | None = None, qat: bool = True) -> dict:
+def run_demo(output: Path, *, epochs: int = 8, force: bool = False, console: Console | None = None, qat: bool = True,
+             detection: bool = True) -> dict:
     """Run the whole workflow into `output`; returns the report dict (also written as report.json/report.html)."""
     import edgeq
     from edgeq.report import ReportFolder
@@ -130,6 +133,10 @@ def run_demo(output: Path, *, epochs: int = 8, force: bool = False, console: Con
     report = measure(paths, val, summaries)
     if case is not None:
         report["qat"] = qat_report(case, report)
+    if detection:
+        from edgeq.demo.detection import detection_rows
+
+        report["detection"] = detection_rows(folder, console)
     folder.write_json("report.json", {k: v for k, v in report.items() if k != "plot_svg"})
     from edgeq.report import render_html
 
@@ -137,6 +144,10 @@ def run_demo(output: Path, *, epochs: int = 8, force: bool = False, console: Con
     print_demo_table(console, report)
     if report.get("qat"):
         print_qat_story(console, report["qat"])
+    if report.get("detection"):
+        from edgeq.demo.detection import print_detection_table
+
+        print_detection_table(console, report["detection"])
     console.print(f"report: {folder.path('report.html')}")
     return report
 

@@ -268,7 +268,7 @@ class _PageWriter:
 
 def _line(rng: random.Random, draw, font, room: int, most: int) -> str:
     """Words up to `most`, stopping before the line would run past `room` pixels."""
-    from edgeq.testing.zoo import fitting_line
+    from edgeq.demo.text import fitting_line
 
     words = _words()
     return fitting_line(rng, rng.choice(words).capitalize(), words, draw, font, room, rng.randint(max(1, most // 2), most))
@@ -276,7 +276,7 @@ def _line(rng: random.Random, draw, font, room: int, most: int) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _words() -> tuple[str, ...]:
-    from edgeq.testing.zoo import sample_sentences
+    from edgeq.demo.text import sample_sentences
 
     words = {w.strip(".,;:!?\"'()`") for s in sample_sentences(400) for w in s.split()}
     return tuple(sorted(w for w in words if w.isalpha() and 2 <= len(w) <= 12))
