@@ -42,6 +42,7 @@ def quantize(
     percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = True,
     activation_type: Annotated[ActivationType, typer.Option(help="Activation integer type (uint8 is fastest on x86).")] = ActivationType.uint8,
+    weight_bits: Annotated[int, typer.Option(help="Static INT8: weight bits, 8 or 4 (W4A8: int4 weights, 8-bit activations, opset 21).")] = 8,
     op_types: Annotated[Optional[str], typer.Option(help="Comma-separated op types to quantize (default: the fast set).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Node names to keep in float (repeatable).")] = None,
     fp16_keep: Annotated[Optional[str], typer.Option(help="FP16: comma-separated op types to keep in FP32 (replaces the default list).")] = None,
@@ -97,7 +98,7 @@ def quantize(
                                 activation_type=activation_type.value, op_types=ops or cfg.STATIC_OP_TYPES,
                                 exclude_nodes=tuple(exclude or ()), max_samples=max_samples, weight_range=weight_range.value,
                                 bias_correction=bias_correction, equalize=equalize, smoothquant=smoothquant_alpha(smoothquant),
-                                coverage=coverage.value, threads=threads, rounding=rounding.value)
+                                coverage=coverage.value, threads=threads, rounding=rounding.value, weight_bits=weight_bits)
         data = edgeq.open_data(calib, preset)
     result = edgeq.quantize(source, config, calib=data)
     result.save(output, force=force)
@@ -277,6 +278,7 @@ def auto(
     workers: Annotated[int, typer.Option(help="Worker processes that evaluate candidates.")] = 2,
     threads: Annotated[int, typer.Option(help="Intra-op threads for latency measurements.")] = 1,
     max_float_layers: Annotated[Optional[int], typer.Option(help="At most this many layers back to float (0: a fully INT8 model or none).")] = None,
+    weight_bits: Annotated[int, typer.Option(help="Weight bits of the candidates: 8, or 4 (W4A8; the refinement then tries learned rounding).")] = 8,
     torch_model: Annotated[Optional[str], typer.Option(help="The PyTorch model MODEL was exported from (MODULE:FACTORY), fine-tuned with QAT when no INT8 or mixed model meets the budget.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="With --torch-model: its state dict, torch.save(model.state_dict(), PATH) (loaded weights-only).")] = None,
     train: Annotated[Optional[Path], typer.Option(help="With --torch-model: training DATA with labels for QAT.")] = None,
@@ -298,7 +300,7 @@ def auto(
     with LocalPool(workers) as pool:
         report = run_auto(model, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
                           executor=pool, force=force, threads=threads, max_float_layers=max_float_layers, qat=qat_source, console=out,
-                          labels=labels)
+                          labels=labels, config=edgeq.Int8Static(weight_bits=weight_bits))
     print_auto(out, report, output)
 
 

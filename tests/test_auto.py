@@ -10,6 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 
 import edgeq
@@ -169,3 +170,26 @@ def test_fallback_search_respects_max_float_layers(monkeypatch):
         search_mod.fallback_search(Search(), None, best, ranked, SimpleNamespace(sensitivity=sens),
                                    steps, lambda *a: None, max_float_layers=limit)
         assert tried == expected and "max_float_layers" in steps[-1]["result"]
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_refinement_tries_learned_rounding_where_it_pays(conv_model_path, conv_data, weight_bits):
+    """Issue 16: AdaRound (with bias correction) is one of the refined recipes at W4A8, where bench/rounding.py
+    measured it recovering what no other repair does; at W8A8 it is not tried (nothing to recover, minutes spent)."""
+    from edgeq.analyze.sensitivity import eval_inputs
+    from edgeq.auto.search import _score_recipes
+    from edgeq.quantize.qdq import prepare_and_calibrate_each
+
+    calib = edgeq.Dataset.from_npz(conv_data)
+    config = edgeq.Int8Static(weight_bits=weight_bits, per_channel=False, batch_size=8, max_samples=64)
+    preps = prepare_and_calibrate_each(edgeq.load(conv_model_path), calib, config, ("minmax", "mse"))
+    feed = eval_inputs(next(iter(preps.values())), calib)
+    protos, scores = _score_recipes(preps, make_candidate("int8-mse", method="mse"), calib, feed, config)
+    learned = [key for key in scores if key[3]]
+    assert len(learned) == (1 if weight_bits == 4 else 0)
+    assert len(scores) == 4 + 1 + len(learned) and all(np.isfinite(v) for v in scores.values())
+    if learned:
+        (method, cle, bc, _), = learned
+        assert bc and scores[learned[0]] > max(v for (m, c, b, a), v in scores.items() if not (b or a)) - 3.0
+        weights = {i.name for i in protos[learned[0]].graph.initializer if i.data_type == onnx.TensorProto.INT4}
+        assert weights, "the learned-rounding candidate keeps int4 weights"

@@ -18,6 +18,11 @@ from edgeq.quantize.config import Int8Static
 from edgeq.quantize.qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
 from edgeq.sqnr import BROKEN_SQNR_DB
 
+# Learned rounding joins the refinement at these weight widths. Measured in bench/rounding.py: at W4A8 AdaRound +
+# bias correction recovers 95–103 % of round-to-nearest's loss (MobileNet-style net, digits CNN) where the best
+# repair without it recovers 0–93 %; at W8A8 there was no loss left to recover and it cost 2.6–364 s.
+ADAROUND_WEIGHT_BITS = (4,)
+
 
 class Search:
     """Saves, evaluates and records candidates; counts evaluations."""
@@ -173,18 +178,20 @@ def refine_recipe(search: Search, preps: dict[str, Prepared], target: Candidate,
            config: Int8Static, steps: list[dict], say) -> None:
     """Validate the recipe with the best output SQNR on calibration samples for the target's layers in float, unless
     it is the target's own: at most one evaluation."""
-    say(f"refining {target.name}: calibration methods, equalization and bias correction scored on calibration samples")
+    learned = " and learned rounding" if config.weight_bits in ADAROUND_WEIGHT_BITS else ""
+    say(f"refining {target.name}: calibration methods, equalization, bias correction{learned} scored on calibration samples")
     protos, scores = _score_recipes(preps, target, calib, feed, config)
     key = max(scores, key=scores.get)
-    method, cle, bc = key
+    method, cle, bc, ada = key
     floats = target.recipe.float_layers
-    name = f"int8-{method}" + (f"-float{len(floats)}" if floats else "") + ("-cle" if cle else "") + ("-bc" if bc else "")
+    name = (f"int8-{method}" + (f"-float{len(floats)}" if floats else "") + ("-cle" if cle else "") + ("-ada" if ada else "")
+            + ("-bc" if bc else ""))
     ranking = ", ".join(f"{_recipe_label(*k)} {v:.1f} dB" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
     done = {"step": "refine", "target": target.name, "sqnr_db": {_recipe_label(*k): v for k, v in scores.items()}, "best": name}
     if name in search.records:
         done["result"] = f"{name} keeps the highest output SQNR on calibration samples ({ranking}): no evaluation spent"
     else:
-        recipe = Recipe("int8", floats, method, repairs=tuple(_recipe_repairs(cle, bc)))
+        recipe = Recipe("int8", floats, method, repairs=tuple(_recipe_repairs(cle, bc, ada)))
         (record,) = search.evaluate([(name, protos[key], recipe)])
         done["result"] = (f"{name} has the highest output SQNR on calibration samples ({ranking}); validated: drop "
                           f"{record.drop:+.2f} vs {target.drop:+.2f} for {target.name}")
@@ -195,34 +202,38 @@ def refine_recipe(search: Search, preps: dict[str, Prepared], target: Candidate,
 def _score_recipes(preps: dict[str, Prepared], target: Candidate, calib: Dataset, feed: dict[str, np.ndarray],
                    config: Int8Static) -> tuple[dict[tuple, Any], dict[tuple, float]]:
     """Every calibration method with and without cross-layer equalization, then bias correction on the best of
-    those (the slow repair: once), each with the target's layers in float; keyed (method, equalize, bias correction)."""
+    those (a slow repair: once) and, at the weight widths where it pays (ADAROUND_WEIGHT_BITS), learned rounding
+    with bias correction on it too; each with the target's layers in float. Keyed (method, equalize, bias
+    correction, adaround)."""
     from edgeq.quantize import quantize
 
     floats = list(target.recipe.float_layers)
     model = preps[target.recipe.method].model
     reference = outputs_of(model.proto, feed)
 
-    def build(method: str, cle: bool, bc: bool) -> Any:
-        if not (cle or bc):      # the stored ranges: the same model the search builds
+    def build(method: str, cle: bool, bc: bool, ada: bool) -> Any:
+        if not (cle or bc or ada):      # the stored ranges: the same model the search builds
             return quantize_qdq(preps[method], exclude=floats)
         recipe = dataclasses.replace(config, method=method, exclude_nodes=tuple(config.exclude_nodes) + tuple(floats),
-                                     equalize=cle, bias_correction=bc)
+                                     equalize=cle, bias_correction=bc, rounding="adaround" if ada else "nearest")
         return quantize(model, recipe, calib=calib).proto
 
-    protos = {(m, cle, False): build(m, cle, False) for m in preps for cle in (False, True)}
+    protos = {(m, cle, False, False): build(m, cle, False, False) for m in preps for cle in (False, True)}
     scores = {key: fidelity(reference, outputs_of(p, feed)).sqnr_db for key, p in protos.items()}
-    method, cle, _ = max(scores, key=scores.get)
-    protos[(method, cle, True)] = build(method, cle, True)
-    scores[(method, cle, True)] = fidelity(reference, outputs_of(protos[(method, cle, True)], feed)).sqnr_db
+    method, cle, _, _ = max(scores, key=scores.get)
+    for ada in (False, True) if config.weight_bits in ADAROUND_WEIGHT_BITS else (False,):
+        key = (method, cle, True, ada)
+        protos[key] = build(*key)
+        scores[key] = fidelity(reference, outputs_of(protos[key], feed)).sqnr_db
     return protos, scores
 
 
-def _recipe_repairs(cle: bool, bc: bool) -> list[str]:
-    return [label for label, on in (("equalization", cle), ("bias correction", bc)) if on]
+def _recipe_repairs(cle: bool, bc: bool, ada: bool = False) -> list[str]:
+    return [label for label, on in (("equalization", cle), ("adaround", ada), ("bias correction", bc)) if on]
 
 
-def _recipe_label(method: str, cle: bool, bc: bool) -> str:
-    return " + ".join([method] + _recipe_repairs(cle, bc))
+def _recipe_label(method: str, cle: bool, bc: bool, ada: bool) -> str:
+    return " + ".join([method] + _recipe_repairs(cle, bc, ada))
 
 
 def _structure(candidate: Candidate) -> tuple:
