@@ -58,14 +58,15 @@ def load_qat(qat: QatSource, source: Model) -> QatInputs:
         import torch  # noqa: F401
     except ImportError:
         raise ConfigError("QAT needs PyTorch, which is not installed", "pip install 'edgeq[torch]', or leave out the PyTorch model") from None
-    from edgeq.qat.run import load_model, training_arrays
+    from edgeq.qat.run import training_arrays
+    from edgeq.torch_in import load_module
 
     if qat.epochs < 1 or not qat.lr > 0 or qat.batch_size < 1:
         raise ConfigError(f"QAT settings out of range: {qat.epochs} epochs, learning rate {qat.lr:g}, batch size {qat.batch_size}",
                           "give at least 1 epoch (--qat-epochs), a positive learning rate (--qat-lr) and a batch size of at least 1")
     if len(source.inputs) != 1:
         raise ConfigError(f"QAT supports models with one input; {_label(source)} has {len(source.inputs)}", "leave out the PyTorch model")
-    module = load_model(qat.factory, Path(qat.weights))
+    module = load_module(qat.factory, Path(qat.weights))
     train = open_data(qat.train) if isinstance(qat.train, (str, Path)) else qat.train
     _, x, y = training_arrays(train, "training data")
     inputs = QatInputs(qat, module, source.inputs[0].name, x, y)

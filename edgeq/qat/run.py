@@ -6,8 +6,6 @@ and QAT on the validation data → the verdicts before and after.
 """
 from __future__ import annotations
 
-import importlib
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.errors import ConfigError, DataError, ModelError
+from edgeq.errors import ConfigError, DataError
+from edgeq.torch_in import load_module
 
 CALIB_SAMPLES = 512
 EARLY_STOP_FRACTION = 0.1
@@ -32,52 +31,6 @@ class QatOptions:
     task: str | None = None
     weight_storage: str = "int4"
     seed: int = 0
-
-
-def load_factory(spec: str):
-    """Import MODULE and return FACTORY from 'MODULE:FACTORY' (the current folder is importable, as with `python -m`)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"model {spec!r} is not MODULE:FACTORY", "e.g. mypackage.models:build_net (a function returning the nn.Module)")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import module {module_name!r}: {exc}", "check the name and that it is on PYTHONPATH (or in the current folder)") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ConfigError(f"module {module_name!r} has no callable {attr!r}", "name a function or class that builds the model with no arguments")
-    return factory
-
-
-def load_model(spec: str, weights: Path):
-    import torch
-    from torch import nn
-
-    factory = load_factory(spec)
-    try:
-        model = factory()
-    except Exception as exc:
-        raise ConfigError(f"{spec}() failed: {type(exc).__name__}: {exc}", "the factory must build the model with no arguments") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module", "return the model object")
-    if not Path(weights).is_file():
-        raise ModelError(f"weights file not found: {weights}", "pass the state dict saved with torch.save(model.state_dict(), PATH)")
-    try:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot read weights {weights} as a weights-only state dict ({first})",
-                         "save it with torch.save(model.state_dict(), PATH); pickled modules are refused") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{weights} is not a state dict of tensors", "save it with torch.save(model.state_dict(), PATH)")
-    try:
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise ModelError(f"the weights in {weights} do not fit {spec}(): {' '.join(str(exc).split())[:200]}",
-                         "use the factory the weights were trained with") from None
-    return model.eval()
 
 
 def training_arrays(data, what: str) -> tuple[str, np.ndarray, np.ndarray]:
@@ -134,7 +87,7 @@ def run_qat(spec: str, weights: Path, train, val, output: Path, options: QatOpti
     from edgeq.evaluate import compare, validate
     from edgeq.qat.prepare import export_float
 
-    model = load_model(spec, weights)
+    model = load_module(spec, weights)
     name, x, y = training_arrays(train, "training data")
     _, vx, vy = training_arrays(val, "validation data")
     task = options.task or default_task(y)
