@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from edgeq import formats
 from edgeq.bench_table import bench_table  # noqa: F401 - the table renders these records; importable from here
 from edgeq.errors import ConfigError, DataError, ModelError
 from edgeq.memory import peak_rss_kib, reset_peak, rss_kib
-from edgeq.model import TensorSpec
+from edgeq.model import Model, TensorSpec, save
 from edgeq.timing import is_fixed_dim, random_feed
 
 
@@ -188,8 +189,10 @@ class BenchRecord:
 
 # ----- the parent side: one worker process per model -------------------------------------------------------
 
-def benchmark(paths: Sequence[str | Path] | str | Path, config: BenchConfig | None = None, **options: Any) -> list[BenchRecord]:
-    """Measure each model in its own fresh process; the first model is the baseline of the table.
+def benchmark(models: Sequence[str | Path | Model] | str | Path | Model, config: BenchConfig | None = None,
+              **options: Any) -> list[BenchRecord]:
+    """Measure each model in its own fresh process; the first model is the baseline of the table. An in-memory
+    `Model` (e.g. from `edgeq.from_torch`) is saved to a temporary folder for its worker and removed afterwards.
 
     `options` are BenchConfig fields, for calls without a config object.
 
@@ -198,17 +201,26 @@ def benchmark(paths: Sequence[str | Path] | str | Path, config: BenchConfig | No
     [1.93, 0.71]
     """
     config = _config(config, options)
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    if not paths:
+    models = [models] if isinstance(models, (str, Path, Model)) else list(models)
+    if not models:
         raise ConfigError("no models to benchmark", "give one or more .onnx files")
     # Cheap checks first: a typo in the last of several models should not cost the runs of the others.
-    for path in paths:
-        _check_model_path(path)
+    for model in models:
+        if not isinstance(model, Model):
+            _check_model_path(Path(model))
     if config.data is not None and not config.data.exists():
         raise DataError(f"data not found: {config.data}", "check the path")
     from edgeq.rounds import run_interleaved
 
-    return run_interleaved(paths, config, _WORKER_CODE, _worker_env())
+    with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as tmp:
+        paths = [_saved(m, Path(tmp) / str(i)) if isinstance(m, Model) else Path(m) for i, m in enumerate(models)]
+        return run_interleaved(paths, config, _WORKER_CODE, _worker_env())
+
+
+def _saved(model: Model, folder: Path) -> Path:
+    """An in-memory model written for its worker (its own proto, whatever path it carries), named as the model."""
+    folder.mkdir()
+    return save(model.proto, folder / f"{model.name}.onnx")
 
 
 def _config(config: BenchConfig | None, options: dict[str, Any]) -> BenchConfig:

@@ -15,7 +15,8 @@ from rich.console import Console
 
 from edgeq import interrupts
 from edgeq.cli_options import (ActivationType, Algorithm, Coverage, Force, Int4Format, Method, Mode, Precision, Preset,
-                                Rounding, WeightRange, parse_int8_layers, qat_flags, smoothquant_alpha)
+                                MODEL_HELP, InputDtype, InputShape, Rounding, WeightRange, Weights, auto_model, model_argument,
+                                parse_int8_layers, smoothquant_alpha)
 from edgeq.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,7 +34,7 @@ def _global_options(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="N
 
 @app.command()
 def quantize(
-    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    model: Annotated[Path, typer.Argument(help=MODEL_HELP)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the quantized model.")],
     precision: Annotated[Precision, typer.Option(help="Target precision.")] = Precision.int8,
     mode: Annotated[Mode, typer.Option(help="INT8 mode: static (calibrated, fastest) or dynamic (runtime scales).")] = Mode.static,
@@ -62,6 +63,9 @@ def quantize(
     embeddings: Annotated[bool, typer.Option("--embeddings", help="INT4: also quantize Gather embedding tables.")] = False,
     preset: Preset = "raw",
     summary_json: Annotated[Optional[Path], typer.Option(help="Also write what was done as JSON.")] = None,
+    weights: Weights = None,
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = "float32",
     force: Force = False,
 ) -> None:
     """Quantize MODEL to FP16, INT8 (dynamic or static QDQ) or INT4 (weight-only, block-wise)."""
@@ -71,11 +75,12 @@ def quantize(
     from edgeq.quantize import config as cfg
     from edgeq.render import print_quant_summary
 
-    inputs = (*model_files(model), calib)
+    inputs = (*model_files(model), weights, calib)
     atomic.check_writable(output, force=force, protect=inputs)
     if summary_json:
         atomic.check_writable(summary_json, force=force, protect=(*inputs, output))
-    source = edgeq.load(model)
+    given = model_argument(model, weights, input_shape, input_dtype)
+    source = edgeq.load(given) if isinstance(given, Path) else given
     ops = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     if precision is Precision.fp16:
         config = cfg.Fp16(block_ops=tuple(s.strip() for s in fp16_keep.split(",") if s.strip()) if fp16_keep is not None else cfg.FP16_BLOCK_OPS,
@@ -109,7 +114,7 @@ def quantize(
 
 @app.command()
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="ONNX or .tflite models to measure (each in its runtime).")],
+    models: Annotated[list[Path], typer.Argument(help="ONNX or .tflite models to measure (each in its runtime); a PyTorch model as MODULE:FACTORY or .pt2 is exported to ONNX first.")],
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 1,
     runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 5,
@@ -119,6 +124,9 @@ def bench(
     shape: Annotated[Optional[list[str]], typer.Option(help="Input shape for dynamic dims, e.g. x=1,3,736,992 (repeatable).")] = None,
     preset: Preset = "raw",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON.")] = None,
+    weights: Weights = None,
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = "float32",
     force: Force = False,
 ) -> None:
     """Measure size, latency p50/p90/p99, throughput and peak memory (one process per model, timed in rounds)."""
@@ -127,9 +135,13 @@ def bench(
     from edgeq.bench_table import print_bench
 
     if json_out:
-        atomic.check_writable(json_out, force=force, protect=(*models, data))
+        atomic.check_writable(json_out, force=force, protect=(*models, data, weights))
     config = BenchConfig(threads=threads, runs=runs, warmup=warmup, rounds=rounds, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
-    records = benchmark(models, config)
+    given = [model_argument(m, weights, input_shape, input_dtype) for m in models]
+    for model in given:
+        for note in getattr(model, "notes", []):
+            out.print(f"note: {model.name}: {note}", highlight=False)
+    records = benchmark(given, config)
     print_bench(out, records)
     if json_out:
         from edgeq.rounds import speedups, timing_warnings
@@ -140,7 +152,7 @@ def bench(
 
 @app.command()
 def validate(
-    model: Annotated[Path, typer.Argument(help="ONNX or .tflite model to evaluate.")],
+    model: Annotated[Path, typer.Argument(help="ONNX or .tflite model to evaluate, or a PyTorch model: MODULE:FACTORY (with --weights and --input-shape) or a .pt2 program.")],
     data: Annotated[Path, typer.Option(help="Validation DATA (labels give top-1 or MAE/RMSE).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Results JSON.")],
     reference: Annotated[Optional[Path], typer.Option(help="Reference model for fidelity when the data has no labels.")] = None,
@@ -152,15 +164,19 @@ def validate(
     score_threshold: Annotated[Optional[float], typer.Option(help="With --task detect: boxes scoring below this are dropped (default 0.25; 0.001 for mAP).")] = None,
     iou: Annotated[Optional[float], typer.Option(help="With --task detect: NMS IoU (default 0.45 yolo/yolov5, 0.5 ssd/picodet).")] = None,
     preset: Preset = "raw",
+    weights: Weights = None,
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = "float32",
     force: Force = False,
 ) -> None:
     """Compute the metric of MODEL on DATA, with a 95% confidence interval, and write per-sample results."""
     from edgeq import atomic
     from edgeq.evaluate import print_validation, validate as run_validate
 
-    atomic.check_writable(output, force=force, protect=(model, data, reference, labels))
+    atomic.check_writable(output, force=force, protect=(model, data, reference, labels, weights))
     import edgeq
 
+    model = model_argument(model, weights, input_shape, input_dtype)
     names = [n.strip() for n in outputs.split(",") if n.strip()] if outputs is not None else None
     if names == []:
         raise UserError("--outputs names no output", "give comma-separated output names, e.g. --outputs logits,boxes")
@@ -269,7 +285,7 @@ def analyze(
 
 @app.command()
 def auto(
-    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    model: Annotated[Path, typer.Argument(help=MODEL_HELP + " A MODULE:FACTORY with --train is also fine-tuned with QAT when needed.")],
     calib: Annotated[Path, typer.Option(help="Calibration DATA.")],
     val: Annotated[Path, typer.Option(help="Validation DATA: the metric the budget is in (labels give top-1; without labels, fidelity to MODEL).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the chosen model, candidates and the report.")],
@@ -280,12 +296,14 @@ def auto(
     max_float_layers: Annotated[Optional[int], typer.Option(help="At most this many layers back to float (0: a fully INT8 model or none).")] = None,
     weight_bits: Annotated[int, typer.Option(help="Weight bits of the candidates: 8, or 4 (W4A8; the refinement then tries learned rounding).")] = 8,
     torch_model: Annotated[Optional[str], typer.Option(help="The PyTorch model MODEL was exported from (MODULE:FACTORY), fine-tuned with QAT when no INT8 or mixed model meets the budget.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="With --torch-model: its state dict, torch.save(model.state_dict(), PATH) (loaded weights-only).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="With --torch-model, or MODEL as MODULE:FACTORY: its state dict, torch.save(model.state_dict(), PATH) (loaded weights-only).")] = None,
     train: Annotated[Optional[Path], typer.Option(help="With --torch-model: training DATA with labels for QAT.")] = None,
     qat_epochs: Annotated[int, typer.Option(help="With --torch-model: QAT fine-tuning epochs (early stop on 10% of --train).")] = 3,
     qat_lr: Annotated[float, typer.Option(help="With --torch-model: QAT learning rate (Adam, cosine schedule).")] = 1e-4,
     labels: Annotated[Optional[Path], typer.Option(help="A detector's ground-truth boxes (as validate --labels): the budget is in mAP@0.5 points; without, box F1 vs MODEL.")] = None,
     preset: Preset = "raw",
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = "float32",
     force: Force = False,
 ) -> None:
     """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, then QAT; fastest wins, FP32 and FP16 included."""
@@ -294,11 +312,10 @@ def auto(
     from edgeq.auto import auto as run_auto
     from edgeq.executor import LocalPool
 
-    qat_source = None
-    if qat_flags(torch_model, weights=weights, train=train):
-        qat_source = QatSource(torch_model, weights, edgeq.open_data(train, preset), epochs=qat_epochs, lr=qat_lr)
+    source, qat_factory = auto_model(model, torch_model, weights, train, input_shape, input_dtype)
+    qat_source = QatSource(qat_factory, weights, edgeq.open_data(train, preset), epochs=qat_epochs, lr=qat_lr) if qat_factory else None
     with LocalPool(workers) as pool:
-        report = run_auto(model, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
+        report = run_auto(source, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
                           executor=pool, force=force, threads=threads, max_float_layers=max_float_layers, qat=qat_source, console=out,
                           labels=labels, config=edgeq.Int8Static(weight_bits=weight_bits))
     print_auto(out, report, output)

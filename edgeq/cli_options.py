@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -80,3 +80,41 @@ def qat_flags(torch_model: str | None, **given: Path | None) -> bool:
         if torch_model is not None and value is None:
             raise UserError(f"--torch-model needs --{flag}", f"pass --{flag} " + {"weights": "PATH (its state dict)", "train": "DATA (labelled training data)"}[flag])
     return torch_model is not None
+
+
+# MODEL as a PyTorch model (edgeq.torch_in): MODULE:FACTORY with its weights and input shapes, or a .pt2 program.
+MODEL_HELP = "FP32 ONNX model, or a PyTorch model: MODULE:FACTORY (with --weights and --input-shape) or a torch.export .pt2 program."
+Weights = Annotated[Optional[Path], typer.Option(help="MODEL as MODULE:FACTORY: its state dict, torch.save(model.state_dict(), PATH) (loaded weights-only).")]
+InputShape = Annotated[Optional[list[str]], typer.Option(help="MODEL as MODULE:FACTORY: an example input's shape, e.g. 1,3,32,32 (repeat for each forward argument); for a .pt2, instead of its saved inputs.")]
+InputDtype = Annotated[str, typer.Option(help="MODEL as MODULE:FACTORY or .pt2: the example inputs' torch dtype.")]
+
+
+def model_argument(model: Path, weights: Path | None, input_shape: list[str] | None, input_dtype: str = "float32"):
+    """MODEL as given: the path of an ONNX (or .tflite) file, or a PyTorch model exported to ONNX in memory (a Model
+    whose notes say which exporter wrote it)."""
+    from edgeq.torch_in import is_torch_model, load_torch, parse_shape
+
+    if is_torch_model(model):
+        return load_torch(str(model), weights, [parse_shape(s) for s in input_shape or ()], input_dtype)
+    for flag, value in (("--weights", weights), ("--input-shape", input_shape)):
+        if value:
+            raise UserError(f"{flag} is for a PyTorch MODEL, and {model} is not one",
+                            f"give MODEL as MODULE:FACTORY (or a .pt2 program), or leave out {flag}")
+    return model
+
+
+def auto_model(model: Path, torch_model: str | None, weights: Path | None, train: Path | None, input_shape: list[str] | None,
+               input_dtype: str):
+    """`auto`'s MODEL and the factory QAT fine-tunes (None: no QAT). An ONNX MODEL takes QAT's PyTorch model from
+    --torch-model; a MODULE:FACTORY MODEL is that model itself, fine-tuned when --train is given."""
+    from edgeq.torch_in import is_torch_model
+
+    if not is_torch_model(model):
+        source = model_argument(model, None, input_shape, input_dtype)
+        return source, torch_model if qat_flags(torch_model, weights=weights, train=train) else None
+    if torch_model is not None:
+        raise UserError("--torch-model names the PyTorch model an ONNX MODEL was exported from, and MODEL is a PyTorch model itself",
+                        "leave out --torch-model: with --train, QAT fine-tunes MODEL")
+    if train is not None and model.suffix == ".pt2":
+        raise UserError("QAT fine-tunes a MODULE:FACTORY, and MODEL is a .pt2 program", "give MODEL as MODULE:FACTORY with --weights, or leave out --train")
+    return model_argument(model, weights, input_shape, input_dtype), str(model) if train is not None else None

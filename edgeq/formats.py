@@ -2,7 +2,9 @@
 what the file is and how to get an ONNX model from it, instead of "corrupt or truncated protobuf".
 
 edgeq quantizes ONNX models; `bench` and `validate` also run `.tflite` files (in LiteRT, `edgeq.runtimes`), and
-`edgeq export --to tflite` writes them. Each message names the converter to ONNX that works now.
+`edgeq export --to tflite` writes them. `quantize`, `validate`, `auto` and `bench` take a PyTorch model too, as
+MODULE:FACTORY with `--weights` or as a `.pt2` program (`edgeq.torch_in`): a PyTorch file that reaches the ONNX
+loader is told how. Each message names the way to an ONNX model that works now.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def refuse_foreign(path: Path) -> None:
     found = _recognise(path)
     if found is not None:
         kind, fix = found
-        raise ModelError(f"{path} is {kind}, not an ONNX model; edgeq reads ONNX models (.onnx) only", fix)
+        raise ModelError(f"{path} is {kind}, not an ONNX model; this command reads ONNX models (.onnx)", fix)
 
 
 def _recognise(path: Path) -> tuple[str, str] | None:
@@ -49,8 +51,8 @@ def _recognise(path: Path) -> tuple[str, str] | None:
     return None
 
 
-_TORCH_EXPORT = ("export the PyTorch module: torch.onnx.export(model, example_input, 'model.onnx'); "
-                 "`edgeq qat MODULE:FACTORY --weights FILE` takes a state dict for QAT")
+_TORCH_EXPORT = ("give the model as MODULE:FACTORY --weights FILE --input-shape 1,3,32,32 (FILE a state dict, "
+                 "torch.save(model.state_dict(), PATH)): `edgeq quantize`, `validate`, `auto` and `bench` export it to ONNX")
 
 
 def _recognise_zip(path: Path) -> tuple[str, str] | None:
@@ -60,7 +62,11 @@ def _recognise_zip(path: Path) -> tuple[str, str] | None:
     except (zipfile.BadZipFile, OSError):
         return None
     if any("/code/" in n for n in names) and any(n.endswith("data.pkl") for n in names):
-        return ("a TorchScript archive", "export the original module with torch.onnx.export(model, example_input, 'model.onnx')")
+        return ("a TorchScript archive", "give the original module as MODULE:FACTORY with --weights (a state dict), "
+                "or export it with torch.onnx.export(model, example_input, 'model.onnx')")
+    if any(n.endswith("/archive_format") for n in names) and any("/models/" in n and n.endswith(".json") for n in names):
+        return ("a torch.export program (.pt2)", "`edgeq quantize`, `validate`, `auto` and `bench` read it named MODEL.pt2; "
+                "for this command, export it to ONNX: edgeq.from_torch(torch.export.load(PATH)).save('model.onnx')")
     if any(n.endswith("data.pkl") for n in names):
         return "a PyTorch checkpoint (torch.save)", _TORCH_EXPORT
     if "config.json" in names and any(n.endswith(".weights.h5") for n in names):

@@ -234,8 +234,8 @@ def _torch_files(folder: Path) -> dict[str, tuple[str, ...]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; users still have such files
         torch.jit.script(net).save(str(folder / "scripted.pt"))
-    return {"weights.pt": ("PyTorch checkpoint", "torch.onnx.export"), "legacy.pth": ("PyTorch checkpoint", "torch.onnx.export"),
-            "scripted.pt": ("TorchScript archive", "torch.onnx.export")}
+    return {"weights.pt": ("PyTorch checkpoint", "MODULE:FACTORY --weights"), "legacy.pth": ("PyTorch checkpoint", "MODULE:FACTORY --weights"),
+            "scripted.pt": ("TorchScript archive", "MODULE:FACTORY with --weights", "torch.onnx.export")}
 
 
 def _tensorflow_files(folder: Path) -> dict[str, tuple[str, ...]]:

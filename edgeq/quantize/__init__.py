@@ -78,4 +78,5 @@ def quantize(model: Model | str | Path, config: Config, calib: Dataset | None = 
     source = load(model) if isinstance(model, (str, Path)) else model
     result, summary = handler(source, config, calib)
     summary.recipe = config.to_dict()
+    summary.notes = [*source.notes, *summary.notes]  # how the source came to be (e.g. which exporter wrote it) first
     return QuantizedModel(result.proto, source.path, summary=summary)
