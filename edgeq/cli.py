@@ -139,8 +139,7 @@ def bench(
     config = BenchConfig(threads=threads, runs=runs, warmup=warmup, rounds=rounds, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
     given = [model_argument(m, weights, input_shape, input_dtype) for m in models]
     for model in given:
-        for note in getattr(model, "notes", []):
-            out.print(f"note: {model.name}: {note}", highlight=False)
+        _say_notes(model)
     records = benchmark(given, config)
     print_bench(out, records)
     if json_out:
@@ -314,6 +313,7 @@ def auto(
 
     source, qat_factory = auto_model(model, torch_model, weights, train, input_shape, input_dtype)
     qat_source = QatSource(qat_factory, weights, edgeq.open_data(train, preset), epochs=qat_epochs, lr=qat_lr) if qat_factory else None
+    _say_notes(source)
     with LocalPool(workers) as pool:
         report = run_auto(source, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
                           executor=pool, force=force, threads=threads, max_float_layers=max_float_layers, qat=qat_source, console=out,
@@ -331,6 +331,12 @@ def demo(
     from edgeq.demo import run_demo
 
     run_demo(output, epochs=epochs, force=force, console=out)
+
+
+def _say_notes(model: Path | object) -> None:
+    """How a PyTorch MODEL became ONNX (which exporter, a fixed batch): said before the work starts."""
+    for note in getattr(model, "notes", []):
+        out.print(f"note: {note}", highlight=False)
 
 
 from edgeq.cli_export import export  # noqa: E402 - registered after the commands above, in help order

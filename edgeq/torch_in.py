@@ -41,6 +41,7 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _OPERATOR = re.compile(r"OpOverload\(op='([\w.]+)'|target=torch\.ops\.([\w.]+)|'(\w+::\w+)'")
 # The user's line a torch.export error points at ("The following call raised this error: File ..., line N, in f").
 _USER_LINE = re.compile(r'File "([^"]+)", line (\d+), in \w+\s*\n\s*(\S[^\n]*)')
+CHECK_RTOL = 1e-3   # the ONNX export must reproduce the module's outputs to this share of their largest magnitude
 _EXPORT_FIX = ("make the failing part exportable (torch.where or torch.cond for a data-dependent branch, a supported "
                "operator) or export the model to ONNX yourself and pass the .onnx file")
 
@@ -177,7 +178,18 @@ def from_torch(module: Any, example_inputs: Any = None, *, name: str | None = No
         notes = _export(module, program, args, input_names, path, label)
         exported = load(path)
     exported.proto.graph.name = label
+    _name_batch_dim(exported.proto)
     return Model(exported.proto, None, notes)
+
+
+def _name_batch_dim(proto) -> None:
+    """The dynamo exporter names the dynamic batch after its symbol (s0, s31, ...): call it `batch`, as TorchScript's."""
+    graph = proto.graph
+    symbols = {v.type.tensor_type.shape.dim[0].dim_param for v in graph.input if v.type.tensor_type.shape.dim}
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param and dim.dim_param in symbols:
+                dim.dim_param = "batch"
 
 
 def _torch():
@@ -228,40 +240,92 @@ def _output_names(outputs: Any) -> list[str]:
 
 
 def _export(module: Any, program: Any, args: tuple, input_names: list[str], path: Path, label: str) -> list[str]:
-    """Write `path` with the dynamo exporter, or with TorchScript's when it fails; the notes say which and why."""
+    """Write `path` with the dynamo exporter, or with TorchScript's when it fails, checked against the module on the
+    example's shapes; the notes say which exporter, and why the batch dim is fixed when it is."""
     from edgeq.runtimes.litert import quiet
 
     torch = _torch()
+    batched = _batched(args)
     with quiet(path.with_suffix(".log")), warnings.catch_warnings(), torch.no_grad():  # the exporters print progress on fd 1 and 2
         warnings.simplefilter("ignore")
         try:
-            captured = program if program is not None else torch.export.export(module, args, strict=False)
+            captured, notes = (program, []) if program is not None else _capture(module, args, batched)
             output_names = _output_names(captured.module()(*args))
             onnx_program = torch.onnx.export(captured, args, dynamo=True, input_names=input_names, output_names=output_names)
             onnx_program.save(str(path))
-            return [f"exported from {label} with the dynamo exporter (torch.export, opset {_opset(onnx_program)})"]
+            _check(path, captured.module(), args, input_names, label)
+            return [f"exported from {label} with the dynamo exporter (torch.export, opset {_opset(onnx_program)})", *notes]
         except Exception as exc:  # noqa: BLE001 - torch.export and the translation raise many types; all mean "cannot export"
             dynamo_reason = _reason(exc)
         traced = program.module() if program is not None else module
+        note = f"exported from {label} with the TorchScript exporter: the dynamo exporter stopped at {dynamo_reason}"
         try:
-            _torchscript(traced, args, input_names, path)
+            _torchscript(traced, args, input_names, path, dynamic=True)
+            _check(path, traced, batched, input_names, label)
+            return [note]
+        except _FrozenTrace as exc:
+            script_reason = str(exc)
+        except Exception:  # noqa: BLE001 - a trace that fixes its batch: the example's batch, below
+            script_reason = ""
+        try:
+            if not script_reason:
+                _torchscript(traced, args, input_names, path, dynamic=False)
+                _check(path, traced, args, input_names, label)
+                return [note, f"the batch dim is fixed at {len(args[0])}: the traced module does not run at another batch"]
         except Exception as exc:  # noqa: BLE001 - as above, for the TorchScript exporter
-            raise ModelError(f"cannot export {label} to ONNX: the dynamo exporter stopped at {dynamo_reason}; "
-                             f"the TorchScript exporter at {_reason(exc)}", _EXPORT_FIX) from None
-    return [f"exported from {label} with the TorchScript exporter: the dynamo exporter stopped at {dynamo_reason}"]
+            script_reason = _reason(exc)
+    raise ModelError(f"cannot export {label} to ONNX: the dynamo exporter stopped at {dynamo_reason}; "
+                     f"the TorchScript exporter at {script_reason}", _EXPORT_FIX)
+
+
+def _batched(args: tuple) -> tuple:
+    """The example inputs at batch 2 where they have batch 1 (torch.export specialises a dim of size 1)."""
+    return tuple(a.repeat(2, *[1] * (a.ndim - 1)) if a.ndim and a.shape[0] == 1 else a for a in args)
+
+
+def _capture(module: Any, args: tuple, batched: tuple) -> tuple[Any, list[str]]:
+    """torch.export of the module with a dynamic batch (dim 0 of every input), or the example's batch when the
+    module fixes it (the note says why)."""
+    import torch
+
+    batch = torch.export.Dim("batch")
+    try:
+        dynamic = tuple({0: batch} if a.ndim else None for a in args)
+        return torch.export.export(module, batched, dynamic_shapes=dynamic, strict=False), []
+    except Exception as exc:  # noqa: BLE001 - any failure: try the example's own shapes, whose failure is the one reported
+        reason = _reason(exc)
+    return torch.export.export(module, args, strict=False), [f"the batch dim is fixed at {len(args[0])}: a dynamic batch stopped at {reason}"]
+
+
+def _check(path: Path, module: Any, args: tuple, input_names: list[str], label: str) -> None:
+    """The ONNX file computes what the module computes on random inputs of the given shapes."""
+    import torch
+
+    from edgeq.model import make_session
+
+    generator = torch.Generator().manual_seed(0)
+    probe = tuple(torch.rand(a.shape, generator=generator, dtype=a.dtype) if a.is_floating_point() else a for a in args)
+    outputs = module(*probe)
+    want = [o.numpy() for o in (outputs if isinstance(outputs, (tuple, list)) else (outputs,))]
+    got = make_session(str(path)).run(None, {name: a.numpy() for name, a in zip(input_names, probe)})
+    for w, g in zip(want, got):
+        scale = max(float(np.max(np.abs(w), initial=0.0)), 1.0)
+        if np.shape(w) != np.shape(g) or float(np.max(np.abs(w - g), initial=0.0)) > CHECK_RTOL * scale:
+            raise ModelError(f"the ONNX export of {label} does not compute what the module computes", _EXPORT_FIX)
 
 
 class _FrozenTrace(Exception):
     """A TorchScript trace recorded a data-dependent branch or value as a constant."""
 
 
-def _torchscript(module: Any, args: tuple, input_names: list[str], path: Path) -> None:
+def _torchscript(module: Any, args: tuple, input_names: list[str], path: Path, *, dynamic: bool) -> None:
     import torch
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         output_names = _output_names(module(*args))
-        torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names, output_names=output_names)
+        axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic and all(a.ndim for a in args) else None
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names, output_names=output_names, dynamic_axes=axes)
     frozen = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if frozen:
         first = frozen[0]

@@ -11,7 +11,7 @@ import edgeq
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and runtimes", ("edgeq.errors", "edgeq.atomic", "edgeq.interrupts", "edgeq.progress", "edgeq.memory",
                            "edgeq.formats", "edgeq.model", "edgeq.runtimes", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
-                           "edgeq.sqnr")),
+                           "edgeq.sqnr", "edgeq.torch_in")),
     ("calibration and passes", ("edgeq.calibrate", "edgeq.quantize.repair")),
     ("quantize and export", ("edgeq.quantize", "edgeq.qat", "edgeq.export")),
     ("evaluate and bench", ("edgeq.evaluate", "edgeq.decide", "edgeq.bench", "edgeq.bench_table", "edgeq.rounds",
