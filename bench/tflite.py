@@ -19,14 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, peak_rss_mb  # noqa: E402
 
-VARIANTS = [  # (row, runtime format, what to do)
+VARIANTS = [  # (row, runtime format, what to do); INT8 TFLite full integer, int8 model I/O included (as in bench/RESULTS.md)
     ("FP32 ONNX", "onnx", None),
     ("INT8 ONNX (edgeq static, mse)", "onnx", "int8"),
     ("FP32 TFLite", "tflite", dict(precision="fp32")),
     ("FP16 TFLite", "tflite", dict(precision="fp16")),
-    ("INT8 TFLite, edgeq ranges (mse)", "tflite", dict(precision="int8", ranges="edgeq", method="mse")),
-    ("INT8 TFLite, edgeq ranges (minmax)", "tflite", dict(precision="int8", ranges="edgeq", method="minmax")),
-    ("INT8 TFLite, converter's own calibration", "tflite", dict(precision="int8", ranges="converter")),
+    ("INT8 TFLite, edgeq ranges (mse)", "tflite", dict(precision="int8", ranges="edgeq", method="mse", io="int8")),
+    ("INT8 TFLite, edgeq ranges (minmax)", "tflite", dict(precision="int8", ranges="edgeq", method="minmax", io="int8")),
+    ("INT8 TFLite, converter's own calibration", "tflite", dict(precision="int8", ranges="converter", io="int8")),
 ]
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeq.errors import UserError
-from edgeq.export.tflite import METHODS, PRECISIONS, RANGES
+from edgeq.export.tflite import IO_TYPES, METHODS, PRECISIONS, RANGES
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -20,6 +20,7 @@ Target = _choices("Target", ("tflite",))
 TflitePrecision = _choices("TflitePrecision", PRECISIONS)
 Ranges = _choices("Ranges", RANGES)
 RangeMethod = _choices("RangeMethod", METHODS)
+IoType = _choices("IoType", IO_TYPES)
 
 
 def export(
@@ -31,6 +32,8 @@ def export(
     ranges: Annotated[Ranges, typer.Option(help="int8 activation ranges: edgeq's observers, or the converter's own (moving-average min/max).")] = "edgeq",
     method: Annotated[RangeMethod, typer.Option(help="edgeq's range method for int8.")] = "mse",
     samples: Annotated[int, typer.Option(help="Calibration samples used for int8.")] = 512,
+    io: Annotated[IoType, typer.Option("--io", help="int8: the model's input and output type. float (default, as TensorFlow's converter): "
+                                       "a drop-in for the FP32 file, same data in and out; int8 for integer-only accelerators and microcontrollers.")] = "float",
     batch: Annotated[int, typer.Option(help="The batch dim the file fixes (a dynamic batch is fixed).")] = 1,
     preset: Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey.")] = "raw",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
@@ -45,8 +48,9 @@ def export(
     data = edgeq.open_data(calib, preset) if calib else None
     precision = TflitePrecision(precision).value
     result = export_tflite(model, output, precision, data, ranges=Ranges(ranges).value, method=RangeMethod(method).value,
-                           samples=samples, batch=batch, force=force)
-    line = (f"wrote {result.path} ({precision}, {result.size_bytes / 1e6:.2f} MB, {result.size_ratio:.2f}× the FP32 "
+                           samples=samples, batch=batch, io=IoType(io).value, force=force)
+    kind = f"{precision}, {result.io} I/O" if result.io else precision
+    line = (f"wrote {result.path} ({kind}, {result.size_bytes / 1e6:.2f} MB, {result.size_ratio:.2f}× the FP32 "
             f"conversion; FP32 matches ONNX Runtime within {result.fp32_max_abs_diff:.2g})")
     if result.ranges:
         line += f"; activation ranges: {result.ranges} on {result.calibration_samples} samples"

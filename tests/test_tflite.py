@@ -52,9 +52,10 @@ def exported(tmp_path_factory):
     results = {
         "fp32": export_tflite(folder / "tiny.onnx", folder / "fp32.tflite"),
         "fp16": export_tflite(folder / "tiny.onnx", folder / "fp16.tflite", "fp16"),
-        "int8": export_tflite(folder / "tiny.onnx", folder / "int8.tflite", "int8", calib),
-        "int8-minmax": export_tflite(folder / "tiny.onnx", folder / "int8_minmax.tflite", "int8", calib, method="minmax"),
-        "int8-converter": export_tflite(folder / "tiny.onnx", folder / "int8_conv.tflite", "int8", calib, ranges="converter"),
+        "int8": export_tflite(folder / "tiny.onnx", folder / "int8.tflite", "int8", calib, io="int8"),
+        "int8-float-io": export_tflite(folder / "tiny.onnx", folder / "int8_float_io.tflite", "int8", calib),
+        "int8-minmax": export_tflite(folder / "tiny.onnx", folder / "int8_minmax.tflite", "int8", calib, method="minmax", io="int8"),
+        "int8-converter": export_tflite(folder / "tiny.onnx", folder / "int8_conv.tflite", "int8", calib, ranges="converter", io="int8"),
         "nhwc": export_tflite(folder / "nhwc.onnx", folder / "nhwc.tflite"),
     }
     return folder, results
@@ -84,6 +85,36 @@ def test_int8_tflite_is_full_integer_and_close_to_edgeq_int8_onnx(exported, tmp_
     assert ours.metrics["top1_agreement"].value >= onnx_int8.metrics["top1_agreement"].value - 3.0
     assert ours.metrics["top1_agreement"].value >= 90.0
     assert any("quantized to the model's int8 input" in w for w in ours.warnings), "the float→int8 input is said"
+
+
+@needs_tflite
+def test_int8_model_io_is_float_by_default_or_int8_as_chosen_with_the_same_outputs(exported, tmp_path):
+    """The default keeps float32 at the two boundary tensors (QUANTIZE after the input, DEQUANTIZE before the output),
+    every other tensor int8/int32; `io="int8"` makes them int8. Same ranges, so the same outputs: within one output step."""
+    from edgeq.export import tensor_types
+    from edgeq.runtimes.litert import interpreter_class, load
+
+    folder, results = exported
+
+    def io_types(name: str) -> tuple[list[str], list[str]]:
+        interpreter = interpreter_class()(model_path=str(folder / name))
+        return ([np.dtype(d["dtype"]).name for d in interpreter.get_input_details()],
+                [np.dtype(d["dtype"]).name for d in interpreter.get_output_details()])
+
+    assert io_types("int8_float_io.tflite") == (["float32"], ["float32"]) and results["int8-float-io"].io == "float"
+    assert io_types("int8.tflite") == (["int8"], ["int8"]) and results["int8"].io == "int8"
+    types = list(tensor_types(folder / "int8_float_io.tflite").values())
+    assert types.count("float32") == 2 and set(types) <= {"int8", "int32", "float32"}
+    x = np.load(folder / "data.npz")["x"][:1]
+    step = load(folder / "int8.tflite").outs[0].scale
+    float_io, int8_io = (load(folder / name).session().run(None, {"x": x})[0] for name in ("int8_float_io.tflite", "int8.tflite"))
+    assert np.max(np.abs(float_io - int8_io)) <= step * 1.01
+    data = edgeq.open_data(folder / "data.npz")
+    agreement = [edgeq.validate(folder / name, data, reference=folder / "tiny.onnx").metrics["top1_agreement"].value
+                 for name in ("int8_float_io.tflite", "int8.tflite")]
+    assert agreement[0] == pytest.approx(agreement[1], abs=1.0)
+    proc = cli(folder, "export", "tiny.onnx", "--precision", "fp16", "--io", "int8", "-o", str(tmp_path / "d.tflite"))
+    assert_user_error(proc, "int8 model I/O is for the int8 export")
 
 
 @needs_tflite

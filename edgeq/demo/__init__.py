@@ -167,8 +167,9 @@ def tflite_rows(fp32, calib, folder, paths: dict, summaries: dict, console: Cons
 
     for precision in ("fp32", "fp16", "int8"):
         name = f"tflite-{precision}"
-        result = export_tflite(fp32, folder.path(f"models/{name}.tflite"), precision, calib if precision == "int8" else None,
-                               batch=BENCH_BATCH, force=True)
+        int8 = precision == "int8"   # full integer, int8 model I/O included: every tensor of the file int8/int32
+        result = export_tflite(fp32, folder.path(f"models/{name}.tflite"), precision, calib if int8 else None,
+                               batch=BENCH_BATCH, io="int8" if int8 else "float", force=True)
         paths[name] = result.path
         notes = [f"LiteRT: FP32 conversion within {result.fp32_max_abs_diff:.2g} of ONNX Runtime"] + result.notes
         if result.ranges:

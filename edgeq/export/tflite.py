@@ -3,8 +3,10 @@
 The route: the ONNX graph becomes a `torch.nn.Module` (`onnx_torch.py`), `litert_torch.convert` lowers what
 `torch.export` captures to a `.tflite` flatbuffer (no TensorFlow), and the FP32 file is checked against ONNX Runtime
 on the same input. FP16 casts the weights of convolutions and fully connected layers to float16 (float32 I/O and
-compute). INT8 is the quantizer's `static_wi8_ai8` recipe: int8 weights per channel, int8 activations, int8 model I/O
-(the LiteRT session quantizes float data with the input's scale); its activation ranges are edgeq's (`ranges="edgeq"`:
+compute). INT8 is the quantizer's `static_wi8_ai8` recipe: int8 weights per channel, int8 activations, and model I/O
+as `io` says: `float` (the default, as TensorFlow's converter does: the file takes and returns what the FP32 one
+does, a QUANTIZE after the input and a DEQUANTIZE before the output) or `int8` (integer-only accelerators and
+microcontrollers; the LiteRT session quantizes float data with the input's scale); its activation ranges are edgeq's (`ranges="edgeq"`:
 edgeq's histogram observers on every tensor of the FP32 `.tflite`, the range by `method`) or the quantizer's own
 min/max calibration (`ranges="converter"`: a moving average of per-sample min/max). Everything here but the dataclass imports torch and LiteRT lazily: it is
 the optional extra `edgeq[tflite]`.
@@ -33,6 +35,7 @@ from edgeq.runtimes.litert import INSTALL, interpreter_class, last_error, quiet 
 PRECISIONS = ("fp32", "fp16", "int8")
 RANGES = ("edgeq", "converter")
 METHODS = ("minmax", "percentile", "entropy", "mse")
+IO_TYPES = ("float", "int8")   # INT8 model I/O: float32 tensors at the boundary (the default), or int8
 # The FP32 file must reproduce ONNX Runtime's outputs to this share of their largest magnitude.
 MAX_RELATIVE_DIFF = 1e-3
 _SIGNATURE = "serving_default"
@@ -50,6 +53,7 @@ class TfliteExport:
     fp32_size_bytes: int
     fp32_max_abs_diff: float   # FP32 .tflite against ONNX Runtime on the same input
     ranges: str | None = None  # INT8: "edgeq (mse)" or "converter (moving-average min/max)"
+    io: str | None = None      # INT8: the model's input and output type, "float" or "int8"
     calibration_samples: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -62,11 +66,15 @@ class TfliteExport:
 
 
 def export_tflite(model: Model | str | Path, output: str | Path, precision: str = "fp32", calib: Dataset | None = None, *,
-                  ranges: str = "edgeq", method: str = "mse", samples: int = 512, batch: int = 1,
+                  ranges: str = "edgeq", method: str = "mse", samples: int = 512, batch: int = 1, io: str = "float",
                   force: bool = False) -> TfliteExport:
     """Convert an ONNX model to a `.tflite` file at `output` (written atomically, verified in LiteRT first); a dynamic
-    batch dim becomes `batch`."""
+    batch dim becomes `batch`; `io` is INT8's model input and output type."""
     _check_options(precision, calib, ranges, method, samples)
+    if io not in IO_TYPES:
+        raise ConfigError(f"io {io!r} is not a model I/O type", f"use one of: {', '.join(IO_TYPES)}")
+    if io == "int8" and precision != "int8":
+        raise ConfigError(f"int8 model I/O is for the int8 export, not {precision}", "pass --precision int8, or leave out --io")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"batch must be at least 1 (got {batch!r})", "pass --batch 1 or more")
     model = model if isinstance(model, Model) else load(model)
@@ -86,7 +94,7 @@ def export_tflite(model: Model | str | Path, output: str | Path, precision: str 
             final = _fp16(fp32, staging / "fp16.tflite")
         elif precision == "int8":
             assert calib is not None
-            final = _int8(fp32, staging / "int8.tflite", _feeds(calib, specs, samples), ranges, method, result)
+            final = _int8(fp32, staging / "int8.tflite", _feeds(calib, specs, samples), ranges, method, io, result)
         from edgeq.runtimes.litert import load as load_tflite
 
         load_tflite(final)  # the interpreter opens it, or the export fails before anything is written
@@ -203,11 +211,15 @@ def _feeds(calib: Dataset, specs: list[TensorSpec], samples: int) -> list[list[n
     return feeds
 
 
-def _int8(fp32: Path, path: Path, feeds: list[list[np.ndarray]], ranges: str, method: str, result: TfliteExport) -> Path:
-    from ai_edge_quantizer import quantizer, recipe
+def _int8(fp32: Path, path: Path, feeds: list[list[np.ndarray]], ranges: str, method: str, io: str,
+          result: TfliteExport) -> Path:
+    from ai_edge_quantizer import qtyping, quantizer, recipe
 
     qt = quantizer.Quantizer(str(fp32))
     qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    if io == "float":  # the graph's inputs and outputs stay float32: the quantizer puts QUANTIZE/DEQUANTIZE behind them
+        for boundary in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+            qt.update_quantization_recipe(regex=".*", operation_name=boundary, algorithm_key=quantizer.AlgorithmName.NO_QUANTIZE)
     names = interpreter_class()(model_path=str(fp32)).get_signature_list()[_SIGNATURE]["inputs"]
     signature = [dict(zip(names, feed)) for feed in feeds]
     log = path.with_suffix(".log")
@@ -219,6 +231,7 @@ def _int8(fp32: Path, path: Path, feeds: list[list[np.ndarray]], ranges: str, me
     with _quiet(log):
         qt.quantize(qsvs).export_model(str(path), overwrite=True)
     result.ranges = f"{ranges} ({'moving-average min/max' if ranges == 'converter' else method})"
+    result.io = io
     result.calibration_samples = sum(len(feed[0]) if np.ndim(feed[0]) else 1 for feed in feeds)
     return path
 
