@@ -345,7 +345,7 @@ def _reason(exc: BaseException) -> str:
     if operator:
         return f"operator {next(g for g in operator.groups() if g)} ({_one_line(first)[:140]})"
     line = _USER_LINE.search(text)
-    where = f"{Path(line.group(1)).name}:{line.group(2)} `{line.group(3).strip()[:80]}` " if line else ""
+    where = f"{Path(line.group(1)).name}:{line.group(2)} '{line.group(3).strip()[:80]}' " if line else ""
     return f"{where}({_one_line(first)[:160]})"
 
 
