@@ -61,3 +61,37 @@ def make_candidate(name: str, kind: str = "int8", p50_ms: float | None = None, d
 
     return Candidate(name, f"{name}.onnx", Recipe(kind, tuple(float_layers), method), "top1", 100.0 - drop, [0.0, 0.0],
                      evaluation, drop, [drop, drop], meets, size_mb=size_mb, p50_ms=p50_ms)
+
+
+def import_source(folder, name: str, source: str):
+    """Write `source` as the module `name` in `folder` and import it (the MODULE:FACTORY tests import it from there)."""
+    import importlib
+    import sys
+
+    (folder / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))
+
+
+def digits_8x8() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (N, 1, 8, 8) float32 in [0, 1] and int64 class ids."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+
+
+def train_on_digits(model, x: np.ndarray, y: np.ndarray, epochs: int, samples: int = 1200, lr: float = 3e-3):
+    """Adam on the first `samples` digits in batches of 64 for `epochs` epochs; the model in eval mode."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for _ in range(epochs):
+        for start in range(0, samples, 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.from_numpy(x[start:start + 64])), torch.from_numpy(y[start:start + 64])).backward()
+            opt.step()
+    return model.eval()

@@ -12,7 +12,6 @@ checkpoint, so it also finishes the training: the test checks the orchestration,
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import onnx
@@ -22,6 +21,7 @@ import edgeq
 import edgeq.cli
 from edgeq.executor import InProcess
 from edgeq.report.auto import pareto_front
+from tests.conftest import digits_8x8, import_source, train_on_digits
 
 torch = pytest.importorskip("torch")
 
@@ -38,25 +38,11 @@ SCALE = 256.0
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from sklearn.datasets import load_digits
-
     work = tmp_path_factory.mktemp("autoqat")
-    (work / f"{MODULE}.py").write_text(FACTORY)
-    sys.path.insert(0, str(work))
-    try:
-        nets = __import__(MODULE)
-    finally:
-        sys.path.remove(str(work))
-    d = load_digits()
-    x, y = (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+    nets = import_source(work, MODULE, FACTORY)
+    x, y = digits_8x8()
     torch.manual_seed(0)
-    model = nets.build()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for start in range(0, 1200, 64):         # one epoch: an early checkpoint
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(torch.from_numpy(x[start:start + 64])), torch.from_numpy(y[start:start + 64])).backward()
-        opt.step()
-    model.eval()
+    model = train_on_digits(nets.build(), x, y, epochs=1)   # one epoch: an early checkpoint
     with torch.no_grad():                    # function-preserving: channel 0 ×256 after BatchNorm, ÷256 where it is read
         model[1].weight[0] *= SCALE
         model[1].bias[0] *= SCALE

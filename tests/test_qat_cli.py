@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.conftest import digits_8x8, import_source, train_on_digits
+
 torch = pytest.importorskip("torch")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,26 +37,11 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from sklearn.datasets import load_digits
-
     work = tmp_path_factory.mktemp("qatcli")
-    (work / "mynets.py").write_text(FACTORY)
-    sys.path.insert(0, str(work))
-    try:
-        import mynets
-    finally:
-        sys.path.remove(str(work))
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    y = d.target.astype(np.int64)
+    mynets = import_source(work, "mynets", FACTORY)
+    x, y = digits_8x8()
     torch.manual_seed(0)
-    model = mynets.build()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(3):
-        for start in range(0, 1200, 64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(torch.from_numpy(x[start:start + 64])), torch.from_numpy(y[start:start + 64])).backward()
-            opt.step()
+    model = train_on_digits(mynets.build(), x, y, epochs=3)
     torch.save(model.state_dict(), work / "weights.pt")
     np.savez(work / "train.npz", input=x[:1200], labels=y[:1200])
     np.savez(work / "val.npz", input=x[1200:], labels=y[1200:])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import zipfile
 
 import numpy as np
@@ -15,6 +14,7 @@ import edgeq
 import edgeq.cli
 from edgeq.errors import ModelError
 from edgeq.executor import InProcess
+from tests.conftest import digits_8x8, import_source, train_on_digits
 
 torch = pytest.importorskip("torch")
 
@@ -82,26 +82,11 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from sklearn.datasets import load_digits
-
     work = tmp_path_factory.mktemp("torchin")
-    (work / f"{MODULE}.py").write_text(NETS)
-    sys.path.insert(0, str(work))
-    try:
-        nets = __import__(MODULE)
-    finally:
-        sys.path.remove(str(work))
-    d = load_digits()
-    x, y = (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+    nets = import_source(work, MODULE, NETS)
+    x, y = digits_8x8()
     torch.manual_seed(0)
-    model = nets.build()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(2):
-        for start in range(0, 1200, 64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(torch.from_numpy(x[start:start + 64])), torch.from_numpy(y[start:start + 64])).backward()
-            opt.step()
-    model.eval()
+    model = train_on_digits(nets.build(), x, y, epochs=2)
     torch.save(model.state_dict(), work / "weights.pt")
     example = torch.zeros(1, 1, 8, 8)
     torch.onnx.export(model, (example,), str(work / "by_hand.onnx"), dynamo=False, opset_version=17,
