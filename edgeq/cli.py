@@ -16,7 +16,7 @@ from rich.console import Console
 from edgeq import interrupts
 from edgeq.cli_options import (ActivationType, Algorithm, Coverage, Force, Int4Format, Method, Mode, Precision, Preset,
                                 MODEL_HELP, InputDtype, InputShape, Rounding, WeightRange, Weights, auto_model, model_argument,
-                                parse_int8_layers, smoothquant_alpha)
+                                model_arguments, parse_int8_layers, smoothquant_alpha)
 from edgeq.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -137,7 +137,7 @@ def bench(
     if json_out:
         atomic.check_writable(json_out, force=force, protect=(*models, data, weights))
     config = BenchConfig(threads=threads, runs=runs, warmup=warmup, rounds=rounds, batch=batch, shapes=parse_shapes(shape or []), data=data, preset=preset)
-    given = [model_argument(m, weights, input_shape, input_dtype) for m in models]
+    given = model_arguments(models, weights, input_shape, input_dtype)
     for model in given:
         _say_notes(model)
     records = benchmark(given, config)

@@ -103,6 +103,15 @@ def model_argument(model: Path, weights: Path | None, input_shape: list[str] | N
     return model
 
 
+def model_arguments(models: list[Path], weights: Path | None, input_shape: list[str] | None, input_dtype: str = "float32") -> list:
+    """`bench`'s MODELS: --weights and --input-shape go to the PyTorch ones, and need one."""
+    from edgeq.torch_in import is_torch_model
+
+    if not any(is_torch_model(m) for m in models):
+        return [model_argument(m, weights, input_shape, input_dtype) for m in models]
+    return [model_argument(m, weights, input_shape, input_dtype) if is_torch_model(m) else m for m in models]
+
+
 def auto_model(model: Path, torch_model: str | None, weights: Path | None, train: Path | None, input_shape: list[str] | None,
                input_dtype: str):
     """`auto`'s MODEL and the factory QAT fine-tunes (None: no QAT). An ONNX MODEL takes QAT's PyTorch model from

@@ -223,6 +223,7 @@ def test_pt2_files_with_pickled_payloads_are_refused_and_other_commands_say_the_
     (["quantize", f"{MODULE}:build", "--mode", "dynamic", "-o", "x.onnx"], "needs --weights and --input-shape"),
     (["quantize", f"{MODULE}:build", "--weights", "weights.pt", "--input-shape", "1,a", "--mode", "dynamic", "-o", "x.onnx"], "is not a shape"),
     (["quantize", "by_hand.onnx", "--weights", "weights.pt", "--mode", "dynamic", "-o", "x.onnx"], "--weights is for a PyTorch MODEL"),
+    (["bench", "by_hand.onnx", "--weights", "weights.pt", "--runs", "1"], "--weights is for a PyTorch MODEL"),
     (["validate", f"{MODULE}:missing", "--weights", "weights.pt", "--input-shape", SHAPE, "--data", "val.npz", "-o", "x.json"], "has no callable 'missing'"),
 ])
 def test_bad_pytorch_inputs_are_one_line(work, monkeypatch, capsys, args, message):
