@@ -296,7 +296,7 @@ def auto(
     weight_bits: Annotated[int, typer.Option(help="Weight bits of the candidates: 8, or 4 (W4A8; the refinement then tries learned rounding).")] = 8,
     torch_model: Annotated[Optional[str], typer.Option(help="The PyTorch model MODEL was exported from (MODULE:FACTORY), fine-tuned with QAT when no INT8 or mixed model meets the budget.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="With --torch-model, or MODEL as MODULE:FACTORY: its state dict, torch.save(model.state_dict(), PATH) (loaded weights-only).")] = None,
-    train: Annotated[Optional[Path], typer.Option(help="With --torch-model: training DATA with labels for QAT.")] = None,
+    train: Annotated[Optional[Path], typer.Option(help="With --torch-model, or MODEL as MODULE:FACTORY: training DATA with labels for QAT.")] = None,
     qat_epochs: Annotated[int, typer.Option(help="With --torch-model: QAT fine-tuning epochs (early stop on 10% of --train).")] = 3,
     qat_lr: Annotated[float, typer.Option(help="With --torch-model: QAT learning rate (Adam, cosine schedule).")] = 1e-4,
     labels: Annotated[Optional[Path], typer.Option(help="A detector's ground-truth boxes (as validate --labels): the budget is in mAP@0.5 points; without, box F1 vs MODEL.")] = None,
