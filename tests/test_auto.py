@@ -193,3 +193,18 @@ def test_refinement_tries_learned_rounding_where_it_pays(conv_model_path, conv_d
         assert bc and scores[learned[0]] > max(v for (m, c, b, a), v in scores.items() if not (b or a)) - 3.0
         weights = {i.name for i in protos[learned[0]].graph.initializer if i.data_type == onnx.TensorProto.INT4}
         assert weights, "the learned-rounding candidate keeps int4 weights"
+
+
+def test_auto_on_a_model_with_a_fixed_batch_of_one(tmp_path):
+    """A batch-1 export (fixed first dim): the fidelity scores ran the 128-sample feed in one run and `auto` crashed
+    (`Got: 64 Expected: 1`); now every analysis feed runs in the model's batch."""
+    model = tmp_path / "fixed.onnx"
+    onnx.save(make_conv_model(batch=1), model)
+    rng = np.random.default_rng(0)
+    calib = edgeq.Dataset.from_arrays({"x": rng.normal(size=(48, 1, 8, 8)).astype(np.float32)})
+    val = edgeq.Dataset.from_arrays({"x": rng.normal(size=(24, 1, 8, 8)).astype(np.float32)})
+    report = edgeq.auto(model, calib, val, budget=1, output=tmp_path / "out", methods=("minmax",), refine=False,
+                        bench_runs=3, bench_batch=1, executor=InProcess())
+    int8 = [c for c in report["candidates"] if c["kind"] == "int8"]
+    assert int8 and all(np.isfinite(c["drop"]) and c["p50_ms"] > 0 for c in int8)
+    assert report["chosen"] in {c["name"] for c in report["candidates"]}

@@ -50,8 +50,14 @@ def eval_inputs(prep: Prepared, data: Dataset, samples: int = 128) -> dict[str, 
 
 
 def outputs_of(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output on `feed`, run in one go, or in runs of the model's batch when its batch dim is fixed (a
+    batch-1 export took the whole 128-sample feed in one run and crashed `auto`)."""
     session = make_session(proto, threads=0)
-    return np.asarray(session.run(None, feed)[0], dtype=np.float64)
+    fixed = {dim for dim in (i.shape[0] if i.shape else None for i in session.get_inputs()) if isinstance(dim, int)}
+    rows = len(next(iter(feed.values())))
+    step = min(fixed) if len(fixed) == 1 and min(fixed) > 0 else rows
+    parts = [session.run(None, {k: v[start:start + step] for k, v in feed.items()})[0] for start in range(0, rows, step)]
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
 
 
 def fidelity(reference: np.ndarray, y: np.ndarray) -> Fidelity:
