@@ -90,20 +90,24 @@ def _size(n: float) -> str:
     return f"{n / 1024:.1f} TiB"
 
 
-def read_chunks(path: Path, members: list[Member]) -> Iterator[Batch]:
-    """Batches of at most CHUNK_BYTES per member (one sample at least), read in step from every member."""
-    samples = members[0].shape[0]
+def read_chunks(path: Path, members: list[Member], first: int = 0, stop: int | None = None) -> Iterator[Batch]:
+    """Batches of at most CHUNK_BYTES per member (one sample at least), read in step from every member: samples
+    [first, stop) (a data shard), those before `first` skipped by seeking."""
+    samples = members[0].shape[0] if stop is None else min(stop, members[0].shape[0])
     step = max(1, CHUNK_BYTES // max(max(m.sample_bytes for m in members), 1))
     try:
         with zipfile.ZipFile(path) as archive:
             streams = {m.key: _open_data(archive, m) for m in members}
-            for start in range(0, samples, step):
+            for m in members:
+                if first and not isinstance(streams[m.key], np.ndarray):
+                    streams[m.key].seek(first * m.sample_bytes, 1)
+            for start in range(first, samples, step):
                 count = min(step, samples - start)
                 arrays = {m.key: _next(streams[m.key], m, start, count) for m in members}
                 labels = arrays.pop(LABELS_KEY, None)
                 yield Batch(arrays, labels)
             for stream in streams.values():
-                if not isinstance(stream, np.ndarray):
+                if not isinstance(stream, np.ndarray) and samples == members[0].shape[0]:
                     stream.read(1)  # at the end of a member zipfile checks its CRC
     except UNREADABLE as exc:
         raise unreadable(path, exc, "numpy.savez") from None

@@ -14,7 +14,8 @@ import onnx
 import pytest
 
 import edgeq
-from edgeq.executor import InProcess, LocalPool
+from edgeq.executors import InProcess
+from edgeq.executors.local import LocalPool
 from tests.conftest import make_candidate, make_conv_model
 from edgeq.report.auto import pareto_front
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 import edgeq
 from edgeq.errors import ConfigError
-from edgeq.executor import InProcess
+from edgeq.executors import InProcess
 from edgeq.demo import detection_data as dd
 
 

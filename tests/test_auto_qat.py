@@ -19,7 +19,7 @@ import pytest
 
 import edgeq
 import edgeq.cli
-from edgeq.executor import InProcess
+from edgeq.executors import InProcess
 from edgeq.report.auto import pareto_front
 from tests.conftest import digits_8x8, import_source, train_on_digits
 

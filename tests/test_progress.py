@@ -16,7 +16,7 @@ from rich.console import Console
 import edgeq
 from edgeq import progress
 from edgeq.data import Dataset
-from edgeq.executor import InProcess
+from edgeq.executors import InProcess
 from tests.conftest import make_conv_model
 
 REPO = Path(__file__).resolve().parents[1]

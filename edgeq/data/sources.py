@@ -38,6 +38,9 @@ class Dataset:
     description: str = "data"
     notes: list[str] = field(default_factory=list)
     counter: Callable[[list[TensorSpec]], int | None] | None = None  # for sources whose count needs the model
+    # samples [start, stop) read without reading those before them (files, arrays): what a data shard reads
+    slicer: Callable[[int, int], Iterable[Any]] | None = None
+    origin: tuple[str, Any] | None = None  # (path, image preset) a worker reopens the data from (shared storage)
 
     def __post_init__(self) -> None:
         if callable(self.source):
@@ -80,7 +83,11 @@ class Dataset:
             detail = ", ".join(f"{k}: {n}" for k, n in counts.items())
             raise DataError(f"{description}: arrays disagree on the number of samples ({detail})", "give every array (and labels) the same first dimension")
         n = next(iter(counts.values()), 0)
-        return cls(lambda: [Batch(arrays, labels)], length=n, description=description)
+
+        def window(start: int, stop: int) -> list[Batch]:
+            return [Batch({k: v[start:stop] for k, v in arrays.items()}, None if labels is None else labels[start:stop])]
+
+        return cls(lambda: [Batch(arrays, labels)], length=n, description=description, slicer=window)
 
     @classmethod
     def from_npz(cls, path: str | Path) -> "Dataset":
@@ -108,7 +115,8 @@ class Dataset:
         length = next(iter(counts.values()))
         if length == 0:
             raise DataError(f"{path} holds no samples", "give at least one sample")
-        return cls(lambda: npz.read_chunks(path, members), length=length, description=str(path))
+        return cls(lambda: npz.read_chunks(path, members), length=length, description=str(path), origin=(str(path), "raw"),
+                   slicer=lambda start, stop: npz.read_chunks(path, members, start, stop))
 
     @classmethod
     def from_npy_dir(cls, path: str | Path) -> "Dataset":
@@ -131,7 +139,7 @@ class Dataset:
             for i, f in enumerate(files):
                 yield Batch({"": read_npy(f)}, None if labels is None else np.asarray(labels[i:i + 1]), unbatched=True)
 
-        return cls(source, description=str(folder), counter=lambda specs: npy_sample_count(files, specs))
+        return cls(source, description=str(folder), counter=lambda specs: npy_sample_count(files, specs), origin=(str(folder), "raw"))
 
     @classmethod
     def from_image_dir(cls, path: str | Path, preset: ImagePreset | str = "raw") -> "Dataset":
@@ -151,7 +159,8 @@ class Dataset:
             arr = preset.load(f)[None]
             return Batch({"": arr}, None if label is None else np.asarray([label]))
 
-        return cls(lambda: iter(items), transform, length=len(items), description=str(folder))
+        return cls(lambda: iter(items), transform, length=len(items), description=str(folder), origin=(str(folder), preset),
+                   slicer=lambda start, stop: iter(items[start:stop]))
 
 
 def open_data(spec: str | Path, preset: ImagePreset | str = "raw") -> Dataset:
@@ -162,7 +171,9 @@ def open_data(spec: str | Path, preset: ImagePreset | str = "raw") -> Dataset:
             return Dataset.from_npz(path)
         if path.suffix == ".npy":
             arr = read_npy(path)
-            return Dataset.from_arrays({"": arr}, description=str(path))
+            data = Dataset.from_arrays({"": arr}, description=str(path))
+            data.origin = (str(path), "raw")
+            return data
         raise DataError(f"{path}: unsupported data file", "give an .npz file, a folder of .npy files, or an image folder")
     entries = list(path.iterdir())
     if any(p.suffix == ".npy" for p in entries):

@@ -1,7 +1,6 @@
 """`validate` for detectors: decode both models' raw outputs the same way and measure box agreement with the reference."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from edgeq.evaluate.detection.pooled import detections_record, pooled_map
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.stats import Estimate, contain
 from edgeq.evaluate.tasks.detect import detect_columns, detect_metrics
+from edgeq.evaluate.fingerprint import Fingerprint
 from edgeq.evaluate.validation import _fingerprinted, _load, _Reference, _run, _runs, follow_layout, layout_notes
 from edgeq.model import Model
 
@@ -54,8 +54,8 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
     follow_layout(subject, data, None if ref is None else ref.model)
     if ref is not None:
         ref.match(subject, names)
-    digest = hashlib.sha256()
-    stream = _fingerprinted(data, digest)
+    fingerprint = Fingerprint()
+    stream = _fingerprinted(data, fingerprint, subject.inputs)
     session = subject.session()
     image_input = next((s for s in subject.inputs if s.rank == 4), subject.inputs[0])
     found: list[Detections] = []
@@ -81,7 +81,7 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
     primary = "map50" if truths is not None else "box_f1"
     detections = detections_record(found, truths) if truths is not None else None
     return ValidationRecord(label, data.description, names[0], primary, len(found), metrics, per_sample,
-                            "sha256:" + digest.hexdigest(), None, None if ref is None else ref.label, {},
+                            "sha256:" + fingerprint.hexdigest(), None, None if ref is None else ref.label, {},
                             [*data.notes, *stream.notes, *notes, *layout_notes(subject, ref)], detections=detections)
 
 

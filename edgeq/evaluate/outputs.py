@@ -118,7 +118,7 @@ class OutputFidelity:
 
     def add(self, y: np.ndarray, r: np.ndarray, failed: np.ndarray, labelled: bool) -> None:
         if self.kind is None:
-            self._fix(y, r, labelled)
+            self.fix(y, r, labelled)
         cols = fidelity(y, r, failed)
         if self.kind != "classes":  # an embedding's argmax means nothing
             cols = {k: v for k, v in cols.items() if k not in ("prediction", "agree")}
@@ -128,7 +128,8 @@ class OutputFidelity:
         for key, values in cols.items():
             self.columns[key].append(values)
 
-    def _fix(self, y: np.ndarray, r: np.ndarray, labelled: bool) -> None:
+    def fix(self, y: np.ndarray, r: np.ndarray, labelled: bool) -> None:
+        """Kind and channel groups, from the first batch (a data shard is given the data's first batch)."""
         scores = class_scores(r)
         if y.dtype.kind in "iu" or (scores is not None and (scores.shape[1] < EMBEDDING_MIN_DIMS or labelled
                                                             or self.softmax_end or _probabilities(scores))):
@@ -139,6 +140,11 @@ class OutputFidelity:
         self.axis = channel_axis(r, self.spec) if r.dtype.kind == "f" else None
         self.ranges = channel_ranges(r, self.axis)
         self.groups = range_groups(self.ranges)
+
+    def extend(self, other: "OutputFidelity") -> None:
+        """The columns of the next shard (fixed on the same first batch) after these."""
+        for key, parts in other.columns.items():
+            self.columns[key].extend(parts)
 
     def summary(self) -> OutputSummary | None:
         """None when nothing in this output can be compared (non-float values that are not class ids)."""

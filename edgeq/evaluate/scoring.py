@@ -65,6 +65,30 @@ class Scorer:
             self.counts["reference_outputs"] += int((~np.isfinite(r_out)).sum()) if r_out.dtype.kind == "f" else 0
             scored.add(y_out, r_out, failed_rows(y_out) | failed_rows(r_out), labels is not None)
 
+    def fit(self, batch: Batch, ys: dict[str, np.ndarray], rs: dict[str, np.ndarray]) -> None:
+        """Fix every output's kind and channel groups on `batch`, the data's first (a later data shard)."""
+        ys = self._sample_first(ys, batch.size)
+        for scored in (o for o in self.outputs if o.name in ys and o.name in rs and rs[o.name].shape == ys[o.name].shape):
+            scored.fix(ys[scored.name], rs[scored.name], batch.labels is not None)
+
+    def merged(self, later: list["Scorer"]) -> "Scorer":
+        """This shard's columns followed by the later shards' (in data order), counts summed, warnings once."""
+        for other in later:
+            if other.labelled is not None and self.labelled is not None and other.labelled != self.labelled:
+                raise DataError("some samples have labels and others do not", "give every sample a label, or none")
+            self.labelled = self.labelled if self.labelled is not None else other.labelled
+            self.task = self.task or other.task
+            self.samples += other.samples
+            self.skipped |= other.skipped
+            for name, parts in other.columns.items():
+                self.columns[name].extend(parts)
+            for name, count in other.counts.items():
+                self.counts[name] += count
+            self.warnings = list(dict.fromkeys([*self.warnings, *other.warnings]))
+            for mine, theirs in zip(self.outputs, other.outputs):
+                mine.extend(theirs)
+        return self
+
     def _sample_first(self, values: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         """The outputs whose first axis holds the samples; others are left out (said), or refused when named."""
         kept = {}

@@ -1,30 +1,36 @@
 """`validate`: stream the data once through the model (and its reference) and score every batch."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgeq.calibrate import Feeds
 from edgeq.data import Batch, Dataset, batches, conform, fixed_batch_size, open_data
 from edgeq.errors import ConfigError
+from edgeq.evaluate.fingerprint import Fingerprint, combined
 from edgeq.evaluate.outputs import OutputFidelity
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.scoring import Scorer
 from edgeq.evaluate.tasks.lm import causal_lm_input
 from edgeq import runtimes
+from edgeq.data.windows import sample_first
+from edgeq.executors.worker import Opened
 from edgeq.model import Model, TensorSpec, run_session
 from edgeq.runtimes import Runnable
 from edgeq.progress import track
 
+if TYPE_CHECKING:
+    from edgeq.executors import Executor
+
 
 def validate(model: Path | str | Model, data: Dataset | Path | str, reference: Path | str | Model | None = None,
-             batch_size: int = 32, output: str | None = None, outputs: Sequence[str] | None = None) -> ValidationRecord:
+             batch_size: int = 32, output: str | None = None, outputs: Sequence[str] | None = None, *,
+             executor: "Executor | str | None" = None, workers: int | None = None) -> ValidationRecord:
     """Run `model` on `data` with ONNX Runtime and measure it.
 
     Labels that are class ids give top-1 (and top-5) accuracy in percent; float labels give MAE and RMSE, both on the
@@ -37,6 +43,10 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
     older spelling of `outputs=[name]`. A `Feeds` dataset gives whole feeds, each one run and one sample. NaN/Inf in
     inputs or outputs is counted and reported, never refused.
 
+    `executor` ("local", "ray", or an `edgeq.executors` executor; `workers` of them) splits the data into shards
+    scored by its workers and merged per sample: the figures, intervals and fingerprint are those of one process
+    (`edgeq/evaluate/shards.py`). Without one, or for models in memory, validation runs in this process.
+
     >>> val = edgeq.Dataset.from_npz("val.npz")                                       # doctest: +SKIP
     >>> validate("model_int8.onnx", val, reference="model.onnx").metrics["cosine"]    # doctest: +SKIP
     Estimate(value=0.9991, ci95=(0.9988, 0.9993))
@@ -44,29 +54,67 @@ def validate(model: Path | str | Model, data: Dataset | Path | str, reference: P
     {'output': 'boxes', 'metric': 'cosine', 'value': 0.62, 'group': 1, 'channels': '4-7', 'loss_points': 38.0}
     """
     data = open_data(data) if isinstance(data, (str, Path)) else data
-    subject, subject_label = _load(model)
-    ref = _Reference.open(reference) if reference is not None else None
-    follow_layout(subject, data, ref.model if ref else None)
     requested = list(outputs or ([output] if output else []))
-    names = _output_names(subject, requested)
+    if executor is not None and not isinstance(model, Model) and not isinstance(reference, Model):
+        from edgeq.evaluate.shards import validate_many
+
+        return validate_many([str(model)], data, None if reference is None else str(reference), batch_size, requested,
+                             executor, workers)[0]
+    subject, label = _load(model)
+    ref = _Reference.open(reference) if reference is not None else None
+    return finish([score(Opened(subject), label, ref, data, requested, batch_size)])
+
+
+@dataclass
+class Partial:
+    """One stretch of the data scored (all of it, or one shard), merged with the others by `finish`."""
+
+    scorer: Scorer
+    blocks: dict[int, bytes]   # the fingerprint's block digests
+    notes: list[str]
+    model: str
+    data: str
+    output: str
+    reference: str | None
+
+
+def score(subject: Opened, label: str, ref: "_Reference | None", data: Dataset, requested: list[str], batch_size: int,
+          start: int = 0, first: Dataset | None = None) -> Partial:
+    """Stream `data` (samples from `start` on) through the model and its reference and score every batch. A later
+    shard gets the data's `first` batch: output kinds and channel groups are fixed on it, as in one process."""
+    model = subject.model
+    follow_layout(model, data, ref.model if ref else None)
+    names = _output_names(model, requested)
     if ref is not None:
-        ref.match(subject, names)
-    digest = hashlib.sha256()
-    stream = _fingerprinted(data, digest)
+        ref.match(model, names)
+    fingerprint = Fingerprint(start)
+    stream = _fingerprinted(data, fingerprint, model.inputs)
     # Perplexity needs no reference; with one, the metric is fidelity to it, as for any model.
-    lm_input = causal_lm_input(subject) if ref is None and names[0] == subject.outputs[0].name else None
-    specs = {o.name: o for o in subject.outputs}
-    softmax = subject.softmax_outputs()
+    lm_input = causal_lm_input(model) if ref is None and names[0] == model.outputs[0].name else None
+    specs = {o.name: o for o in model.outputs}
+    softmax = model.softmax_outputs()
     scorer = Scorer(has_reference=ref is not None, lm_input=lm_input, named=tuple(requested),
                     outputs=[OutputFidelity(n, specs[n], n in softmax) for n in names])
     session = subject.session()
     run_names = names if ref is not None else names[:1]  # labels and perplexity read the first output only
-    runs = partial(_run_count, data, subject.inputs, batch_size)  # counted only when a progress bar is drawn
-    for batch in track(_runs(stream, subject, batch_size), "validating", total=runs):
-        ys = _run(session, run_names, batch, subject_label, data.description)
+    if first is not None and ref is not None:
+        batch = next(_runs(first, model, batch_size))
+        scorer.fit(batch, _run(session, run_names, batch, label, data.description), ref.run(batch, data.description))
+    runs = partial(_run_count, data, model.inputs, batch_size)  # counted only when a progress bar is drawn
+    for batch in track(_runs(stream, model, batch_size), "validating", total=runs):
+        ys = _run(session, run_names, batch, label, data.description)
         scorer.add(batch, ys, ref.run(batch, data.description) if ref else None)
-    return scorer.record(subject_label, data.description, names[0], "sha256:" + digest.hexdigest(),
-                         reference=ref.label if ref else None, notes=[*data.notes, *stream.notes, *layout_notes(subject, ref)])
+    return Partial(scorer, fingerprint.finish(), [*data.notes, *stream.notes, *layout_notes(model, ref)], label,
+                   data.description, names[0], ref.label if ref else None)
+
+
+def finish(parts: list[Partial]) -> ValidationRecord:
+    """The record of the parts, in data order: per-sample columns joined, counts summed, notes once each."""
+    first = parts[0]
+    scorer = first.scorer.merged([p.scorer for p in parts[1:]])
+    notes = list(dict.fromkeys(n for p in parts for n in p.notes))
+    return scorer.record(first.model, first.data, first.output, combined([p.blocks for p in parts]),
+                         reference=first.reference, notes=notes)
 
 
 def _runs(stream: Dataset, model: Model, batch_size: int) -> Iterator[Batch]:
@@ -138,6 +186,7 @@ class _Reference:
     label: str
     outputs: dict[str, str] = field(default_factory=dict)  # the subject's output name -> the reference's
     session: Any = None
+    opened: Opened | None = None   # in a worker: the model kept open between tasks, with its session
 
     @classmethod
     def open(cls, reference: Path | str | Model) -> "_Reference":
@@ -150,7 +199,7 @@ class _Reference:
         ours = [o.name for o in subject.outputs]
         # Quantized models keep their outputs' names; a renamed one (a converted one) is matched by position.
         self.outputs = {n: n if n in theirs else theirs[min(ours.index(n), len(theirs) - 1)] for n in names}
-        self.session = self.model.session()
+        self.session = self.opened.session() if self.opened is not None else self.model.session()
 
     def run(self, batch: Batch, where: str) -> dict[str, np.ndarray]:
         if batch.unbatched:
@@ -161,19 +210,16 @@ class _Reference:
         return {ours: values[theirs] for ours, theirs in self.outputs.items()}
 
 
-def _fingerprinted(data: Dataset, digest: Any) -> Dataset:
-    """The same data, hashed chunk by chunk as it streams by.
-
-    Hashing happens before the cast to the model's input dtypes, so an FP16 model with float16 inputs and its FP32
-    base get the same fingerprint on the same data. The notes list is fresh so repeated runs do not pile up notes.
-    """
+def _fingerprinted(data: Dataset, fingerprint: Fingerprint, specs: list[TensorSpec]) -> Dataset:
+    """The same data, hashed into `fingerprint` chunk by chunk as it streams by (before any cast). The notes list
+    is fresh so repeated runs do not pile up notes."""
     def source() -> Iterator[Batch]:
         for chunk in data.chunks():
-            arrays = [chunk.inputs[k] for k in sorted(chunk.inputs)] + ([chunk.labels] if chunk.labels is not None else [])
-            for arr in arrays:
-                arr = np.ascontiguousarray(arr)
-                digest.update(f"{arr.dtype.str}{arr.shape}".encode())
-                digest.update(arr)  # the array's own buffer: no copy of a large chunk
+            if isinstance(data, Feeds):   # a whole feed is one sample
+                rows = {k: np.asarray(v)[None] for k, v in chunk.inputs.items()}
+                fingerprint.add(rows if chunk.labels is None else {**rows, "labels": np.atleast_1d(chunk.labels)[:1]})
+            else:
+                fingerprint.add(sample_first(chunk, specs))
             yield chunk
 
     return type(data)(source, length=data.length, description=data.description, notes=[])
