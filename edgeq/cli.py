@@ -14,10 +14,11 @@ import typer
 from rich.console import Console
 
 from edgeq import interrupts
-from edgeq.cli_options import (ActivationType, Algorithm, Coverage, Force, Int4Format, Method, Mode, Precision, Preset,
-                                MODEL_HELP, InputDtype, InputShape, Rounding, WeightRange, Weights, auto_model, model_argument,
-                                model_arguments, parse_int8_layers, smoothquant_alpha)
+from edgeq.cli_options import (ActivationType, Algorithm, Coverage, ExecutorChoice, ExecutorOption, Force, Int4Format, Method,
+                                Mode, Precision, Preset, MODEL_HELP, InputDtype, InputShape, Rounding, WeightRange, Weights, Workers,
+                                auto_model, model_argument, model_arguments, parse_int8_layers, smoothquant_alpha)
 from edgeq.errors import UserError
+from edgeq.executors import WorkerLost
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize FP32 models for edge targets, benchmark them, validate them, and decide by evidence.")
@@ -166,6 +167,8 @@ def validate(
     weights: Weights = None,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
+    executor: ExecutorOption = ExecutorChoice.local,
+    workers: Workers = None,
     force: Force = False,
 ) -> None:
     """Compute the metric of MODEL on DATA, with a 95% confidence interval, and write per-sample results."""
@@ -188,7 +191,8 @@ def validate(
         record = validate_detection(model, edgeq.open_data(data, preset), reference, decoder=decoder,
                                     score_threshold=score_threshold, iou=iou, batch_size=batch_size, labels=labels)
     else:
-        record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size, outputs=names)
+        record = run_validate(model, edgeq.open_data(data, preset), reference=reference, batch_size=batch_size, outputs=names,
+                              executor=executor.value, workers=workers)
         if head:
             record.warnings.append(raw_tensor_warning(head))
     atomic.write_json(output, record.to_dict())
@@ -264,6 +268,8 @@ def analyze(
     val: Annotated[Optional[Path], typer.Option(help="Validation DATA: coverage of its activations by the calibrated ranges.")] = None,
     samples: Annotated[int, typer.Option(help="Calibration samples used to measure sensitivity.")] = 128,
     preset: Preset = "raw",
+    executor: ExecutorOption = ExecutorChoice.local,
+    workers: Workers = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the analysis as JSON.")] = None,
     force: Force = False,
 ) -> None:
@@ -276,7 +282,7 @@ def analyze(
     if json_out:
         atomic.check_writable(json_out, force=force, protect=(model, calib, val))
     result = run_analyze(model, edgeq.open_data(calib, preset) if calib else None, target,
-                         val=edgeq.open_data(val, preset) if val else None, samples=samples)
+                         val=edgeq.open_data(val, preset) if val else None, samples=samples, executor=executor.value, workers=workers)
     print_analysis(out, result)
     if json_out:
         atomic.write_json(json_out, result.to_dict())
@@ -290,7 +296,6 @@ def auto(
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the chosen model, candidates and the report.")],
     budget: Annotated[float, typer.Option(help="Accepted drop of the validation metric, in points.")] = 1.0,
     target: Annotated[str, typer.Option(help="Target profile for the operator-support table.")] = "onnxruntime-cpu",
-    workers: Annotated[int, typer.Option(help="Worker processes that evaluate candidates.")] = 2,
     threads: Annotated[int, typer.Option(help="Intra-op threads for latency measurements.")] = 1,
     max_float_layers: Annotated[Optional[int], typer.Option(help="At most this many layers back to float (0: a fully INT8 model or none).")] = None,
     weight_bits: Annotated[int, typer.Option(help="Weight bits of the candidates: 8, or 4 (W4A8; the refinement then tries learned rounding).")] = 8,
@@ -303,21 +308,21 @@ def auto(
     preset: Preset = "raw",
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
+    executor: ExecutorOption = ExecutorChoice.local,
+    workers: Workers = None,
     force: Force = False,
 ) -> None:
     """Meet an accuracy budget by itself: best calibration, then the fewest sensitive layers back to float, then QAT; fastest wins, FP32 and FP16 included."""
     import edgeq
     from edgeq.auto import QatSource, print_auto
     from edgeq.auto import auto as run_auto
-    from edgeq.executor import LocalPool
 
     source, qat_factory = auto_model(model, torch_model, weights, train, input_shape, input_dtype)
     qat_source = QatSource(qat_factory, weights, edgeq.open_data(train, preset), epochs=qat_epochs, lr=qat_lr) if qat_factory else None
     _say_notes(source)
-    with LocalPool(workers) as pool:
-        report = run_auto(source, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
-                          executor=pool, force=force, threads=threads, max_float_layers=max_float_layers, qat=qat_source, console=out,
-                          labels=labels, config=edgeq.Int8Static(weight_bits=weight_bits))
+    report = run_auto(source, edgeq.open_data(calib, preset), edgeq.open_data(val, preset), budget, output, target=target,
+                      executor=executor.value, workers=workers, force=force, threads=threads, max_float_layers=max_float_layers,
+                      qat=qat_source, console=out, labels=labels, config=edgeq.Int8Static(weight_bits=weight_bits))
     print_auto(out, report, output)
 
 
@@ -366,6 +371,9 @@ def _run(args: list[str], debug: bool) -> None:
     except UserError as exc:
         print(f"edgeq: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except WorkerLost as exc:   # not the user's data, not a bug of edgeq's: a worker that keeps dying
+        print(f"edgeq: error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(1)
     except typer.Abort:
         print("edgeq: aborted", file=sys.stderr)
         sys.exit(130)

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeq.errors import UserError
+from edgeq.executors import EXECUTORS
 from edgeq.quantize import config
 from edgeq.quantize.config import RECIPES
 
@@ -37,7 +38,12 @@ Int4Format = _choices("Int4Format", config.INT4_FORMATS)
 ActivationType = _choices("ActivationType", config.ACTIVATION_TYPES)
 Coverage = _choices("Coverage", config.COVERAGES)
 
+ExecutorChoice = _choices("ExecutorChoice", EXECUTORS)
+
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+ExecutorOption = Annotated[ExecutorChoice, typer.Option("--executor", help="Where the work runs: local (a process pool on this machine) "
+                                                        "or ray (the cluster RAY_ADDRESS names, else a Ray instance started here; edgeq[ray]).")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes (local) or Ray actors (default: every core, or the cluster's CPUs).")]
 Preset = Annotated[str, typer.Option("--preset", help="Image folders: raw, imagenet, ppocr or grey, with optional overrides, "
                                                      "e.g. imagenet,size=256x256,layout=NHWC,mean=0.5/0.5/0.5.")]
 

@@ -11,13 +11,13 @@ import edgeq
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and runtimes", ("edgeq.errors", "edgeq.atomic", "edgeq.interrupts", "edgeq.progress", "edgeq.memory",
                            "edgeq.formats", "edgeq.model", "edgeq.runtimes", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
-                           "edgeq.sqnr", "edgeq.torch_in")),
+                           "edgeq.sqnr", "edgeq.torch_in", "edgeq.executors")),
     ("calibration and passes", ("edgeq.calibrate", "edgeq.quantize.repair")),
     ("quantize and export", ("edgeq.quantize", "edgeq.qat", "edgeq.export")),
     ("evaluate and bench", ("edgeq.evaluate", "edgeq.decide", "edgeq.bench", "edgeq.bench_table", "edgeq.rounds",
                             "edgeq.qat.run")),
     ("report", ("edgeq.report",)),
-    ("analyze and auto", ("edgeq.analyze", "edgeq.auto", "edgeq.executor")),
+    ("analyze and auto", ("edgeq.analyze", "edgeq.auto")),
     ("cli", ("edgeq", "edgeq.cli", "edgeq.cli_options", "edgeq.cli_export", "edgeq.render", "edgeq.demo")),
 ]
 OUTSIDE = ("edgeq.testing",)   # may import any layer; no layer may import it

@@ -17,6 +17,7 @@ from edgeq.analyze.sensitivity import Fidelity, LayerSensitivity, eval_inputs, f
 from edgeq.analyze.support import SupportReport, file_support, load_profile, operator_support, profiles
 from edgeq.data import Dataset, open_data
 from edgeq.errors import UserError
+from edgeq.executors import Executor, as_executor
 from edgeq.model import Model, load
 from edgeq.quantize.config import Int8Static
 from edgeq.quantize.qdq import Prepared, prepare_and_calibrate, prepare_static, quantizable_layers
@@ -50,10 +51,13 @@ class Analysis:
 
 def analyze(model: Model | str | Path, calib: Dataset | str | Path | None = None, target: str | Path = "onnxruntime-cpu", *,
             val: Dataset | str | Path | None = None, config: Int8Static | None = None, samples: int = 128,
-            prepared: Prepared | None = None, minmax_ranges: dict | None = None) -> Analysis:
+            prepared: Prepared | None = None, minmax_ranges: dict | None = None, executor: Executor | str | None = None,
+            workers: int | None = None) -> Analysis:
     """Run every analysis the inputs allow: outliers and operator support always; sensitivity and data quality
     with `calib`; coverage of the validation activations with `val` too. A `.tflite` file gets the listing of what
-    each of its operators computes in (the other analyses need the ONNX model)."""
+    each of its operators computes in (the other analyses need the ONNX model). The per-layer sensitivity runs on
+    `executor` ("local", "ray" or an `edgeq.executors` executor; `workers` of them), split by layer; without one,
+    in this process."""
     if isinstance(model, (str, Path)) and runtime_for(model).name == "litert":
         return _file_analysis(Path(model), calib is not None or val is not None)
     source = load(model) if isinstance(model, (str, Path)) else model
@@ -76,7 +80,14 @@ def analyze(model: Model | str | Path, calib: Dataset | str | Path | None = None
     if prepared is not None and calib is not None:
         feed = eval_inputs(prepared, calib, samples)
         result.int8_fidelity = full_int8_fidelity(prepared, feed)
-        result.sensitivity = sensitivity(prepared, feed)
+        pool, own = as_executor(executor, workers)
+        noted = len(pool.notes)
+        try:
+            result.sensitivity = sensitivity(prepared, feed, executor=pool)
+        finally:
+            if own:
+                pool.close()
+        notes += pool.notes[noted:]
         minmax = prepared.ranges if prepared.method == "minmax" else minmax_ranges
         if minmax is None and val is not None:
             minmax = prepare_and_calibrate(source, calib, config, method="minmax").ranges

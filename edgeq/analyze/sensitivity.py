@@ -13,9 +13,12 @@ import onnx
 
 from edgeq.data import Dataset, batches
 from edgeq.model import make_session
-from edgeq.progress import track
+from edgeq.executors import Executor, InProcess, Shared
+from edgeq.executors.worker import shared_arrays, shared_value
 from edgeq.quantize.qdq import Prepared, quantize_qdq
 from edgeq.sqnr import sqnr_db
+
+SHARDS_PER_WORKER = 4   # layer groups per worker: a slow group does not leave the others idle at the end
 
 
 @dataclass
@@ -71,22 +74,46 @@ def fidelity(reference: np.ndarray, y: np.ndarray) -> Fidelity:
     return Fidelity(round(sqnr_db(signal, noise), 3), round(float(np.mean(cos)), 6))
 
 
-def sensitivity(prep: Prepared, feed: dict[str, np.ndarray], layers: list[str] | None = None) -> list[LayerSensitivity]:
-    """Both views for every quantizable layer (2 quantizations and 2 runs per layer), ranked.
+@dataclass(frozen=True)
+class LayersTask:
+    """Both views for some layers of one prepared graph: shared handles and names, for any executor."""
+
+    name: str
+    prep: Shared
+    feed: Shared
+    reference: Shared
+    layers: tuple[str, ...]
+
+
+def layer_views(task: LayersTask) -> list[tuple[str, Fidelity, Fidelity]]:
+    """(layer, only it INT8, only it float) for each of the task's layers (runs in a worker)."""
+    prep, feed = shared_value(task.prep), shared_arrays(task.feed)
+    reference = shared_arrays(task.reference)["outputs"]
+    return [(name, fidelity(reference, outputs_of(quantize_qdq(prep, only=[name]), feed)),
+             fidelity(reference, outputs_of(quantize_qdq(prep, exclude=[name]), feed))) for name in task.layers]
+
+
+def sensitivity(prep: Prepared, feed: dict[str, np.ndarray], layers: list[str] | None = None,
+                executor: Executor | None = None) -> list[LayerSensitivity]:
+    """Both views for every quantizable layer (2 quantizations and 2 runs per layer), ranked; the layers split
+    over `executor`'s workers (this process without one), the graph and the samples shared once.
 
     Rank: by the output SQNR with only this layer quantized (lowest first), ties broken by the SQNR gained when
     only this layer stays float. NNCF and Intel Neural Compressor rank by the second view alone; the first one
     isolates a layer from the errors of the others, which is what tells a broken layer from a merely noisy one.
     """
+    executor = executor or InProcess()
     reference = outputs_of(prep.model.proto, feed)
     names = layers or [l["name"] for l in prep.layers]
     ops = {l["name"]: l["op_type"] for l in prep.layers}
-    result = []
-    for name in track(names, "sensitivity: each layer alone INT8, alone float", total=len(names)):
-        alone = fidelity(reference, outputs_of(quantize_qdq(prep, only=[name]), feed))
-        kept = fidelity(reference, outputs_of(quantize_qdq(prep, exclude=[name]), feed))
-        result.append(LayerSensitivity(name, ops.get(name, "?"), alone, kept))
-    result.sort(key=lambda s: (s.only_quantized.sqnr_db, -s.only_float.sqnr_db))
+    # one task per layer in this process (a progress tick each); a few per worker elsewhere (the graph travels with them)
+    count = len(names) if executor.workers == 1 else min(len(names), SHARDS_PER_WORKER * executor.workers)
+    shared = executor.share(prep), executor.share_arrays(feed), executor.share_arrays({"outputs": reference})
+    groups = [tuple(names[i::count]) for i in range(count)] if names else []
+    tasks = [LayersTask(f"layers {', '.join(group)}"[:60], *shared, group) for group in groups]
+    views = [view for part in executor.map(layer_views, tasks, "sensitivity: each layer alone INT8, alone float") for view in part]
+    result = [LayerSensitivity(name, ops.get(name, "?"), alone, kept) for name, alone, kept in views]
+    result.sort(key=lambda s: (s.only_quantized.sqnr_db, -s.only_float.sqnr_db, names.index(s.node)))
     for i, s in enumerate(result, 1):
         s.rank = i
     return result

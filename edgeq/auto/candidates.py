@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.data import Dataset, batches
+from edgeq.data import Batch, Dataset, batches
+from edgeq.evaluate.shards import DataSource
 from edgeq.model import Model
 
 @dataclass(frozen=True)
@@ -77,44 +78,30 @@ class Candidate:
 
 @dataclass(frozen=True)
 class EvalTask:
-    """One candidate evaluation: plain values, so any executor (a process pool, a cluster) can run it."""
+    """One detector candidate's evaluation (judged on its boxes over the whole data): plain values and the data's
+    handle, so any executor (a process pool, a cluster) can run it."""
 
     name: str
     model_path: str
-    arrays: dict[str, np.ndarray]
-    labels: np.ndarray | None
+    data: DataSource
     batch_size: int = 64
-    reference: str | None = None   # without labels: the FP32 model, fidelity to it is the metric
-    detect: bool = False           # a detector: judged on its boxes after decoding and NMS (validate --task detect)
-    detection_labels: str | None = None  # ground-truth boxes for mAP; without them, box F1 against `reference`
+    reference: str | None = None   # without ground-truth boxes: the FP32 model, box F1 against it
+    detection_labels: str | None = None  # ground-truth boxes for mAP
 
 
 def evaluate_task(task: EvalTask) -> dict:
-    """Validate one candidate (runs in a worker)."""
-    from edgeq.evaluate import validate
+    """Validate one detector candidate (runs in a worker)."""
+    from edgeq.evaluate.detect_validation import validate_detection
 
-    data = Dataset.from_arrays(task.arrays, labels=task.labels, description="validation")
-    if task.detect:
-        from edgeq.evaluate.detect_validation import validate_detection
-
-        record = validate_detection(task.model_path, data, task.reference, labels=task.detection_labels,
-                                    batch_size=task.batch_size).to_dict()
-    else:
-        record = validate(task.model_path, data, reference=task.reference, batch_size=task.batch_size).to_dict()
+    record = validate_detection(task.model_path, task.data.open(), task.reference, labels=task.detection_labels,
+                                batch_size=task.batch_size).to_dict()
     record.pop("predictions", None)
     return record
 
 
-def materialize(data: Dataset, model: Model) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The validation set as arrays (sent to every worker)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    labels: list[np.ndarray] = []
-    for batch in batches(data, model.inputs, 256, refuse_nonfinite=False):
-        for k, v in batch.inputs.items():
-            parts.setdefault(k, []).append(v)
-        if batch.labels is not None:
-            labels.append(np.asarray(batch.labels))
-    return {k: np.concatenate(v) for k, v in parts.items()}, (np.concatenate(labels) if labels else None)
+def first_batch(data: Dataset, model: Model) -> Batch:
+    """The first sample of the validation set: whether it has labels, and the shapes latency is measured on."""
+    return next(batches(data, model.inputs, 1, refuse_nonfinite=False))
 
 
 def bench_shapes(model: Model, arrays: dict[str, np.ndarray], batch: int) -> dict[str, tuple[int, ...]]:

@@ -11,13 +11,14 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.analyze import analyze
-from edgeq.auto.candidates import bench_shapes, materialize, measure
+from edgeq.auto.candidates import bench_shapes, first_batch, measure
 from edgeq.auto.qat import QatInputs, QatSource, load_qat, qat_command, qat_step
 from edgeq.auto.search import Search, choose, fallback_search, float_candidates, pick_calibration, refine_recipe, refine_target
 from edgeq.auto.verdict import assemble_report, assemble_verdict
 from edgeq.data import Dataset, open_data
 from edgeq.errors import ConfigError
-from edgeq.executor import Executor, LocalPool
+from edgeq.evaluate.shards import data_source
+from edgeq.executors import Executor, as_executor
 from edgeq.model import Model, load, model_files
 from edgeq.progress import Step, step
 from edgeq.quantize.config import Int8Static
@@ -34,7 +35,8 @@ def fidelity_reference(source: Model, labels: np.ndarray | None) -> bool:
 
 
 def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | str | Path, budget: float = 1.0,
-         output: str | Path = "auto-out", *, target: str = "onnxruntime-cpu", executor: Executor | None = None,
+         output: str | Path = "auto-out", *, target: str = "onnxruntime-cpu", executor: Executor | str | None = None,
+         workers: int | None = None,
          config: Int8Static | None = None, methods: tuple[str, ...] = METHODS, force: bool = False,
          bench_runs: int = 20, bench_batch: int = 64, threads: int = 1, select: str = "fidelity",
          max_float_layers: int | None = None, refine: bool = True, qat: QatSource | None = None, console: Any = None,
@@ -46,6 +48,9 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
     --reference` does: the worst output's top-1 agreement (%), or its cosine for embeddings and other tensors; the
     budget is then in points of it: percentage points of agreement, or 0.01 of cosine (budget 1: cosine >= 0.99).
     FP32 is a candidate like the others: when no candidate within the budget is faster, FP32 is chosen and written.
+
+    Candidates are validated through `executor` ("local", the default: a process pool of `workers`, one per core;
+    "ray"; or an `edgeq.executors` executor the caller closes), split by data shard (`edgeq/evaluate/shards.py`).
 
     `max_float_layers` caps the layers the search may return to float (0: a fully INT8 model or nothing);
     `refine` False skips the recipe refinement (one evaluation less); `qat` lets QAT run when nothing else meets.
@@ -69,7 +74,7 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
                           protect=(*model_files(source.path), *(Path(d) for d in (calib_spec, val_spec, labels) if isinstance(d, (str, Path)))))
     try:
         with step("auto") as phase:
-            report = _run(source, calib, val, val_spec, budget, output, folder, target, executor, config, methods, bench_runs,
+            report = _run(source, calib, val, val_spec, budget, output, folder, target, executor, workers, config, methods, bench_runs,
                           bench_batch, threads, select, max_float_layers, refine, qat_inputs, _narrated(say, phase), started,
                           head, labels)
     except BaseException:
@@ -80,7 +85,8 @@ def auto(model: Model | str | Path, calib: Dataset | str | Path, val: Dataset | 
 
 
 def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | Path, budget: float, output: str | Path,
-         folder: Any, target: str, executor: Executor | None, config: Int8Static | None, methods: tuple[str, ...],
+         folder: Any, target: str, executor: Executor | str | None, workers: int | None, config: Int8Static | None,
+         methods: tuple[str, ...],
          bench_runs: int, bench_batch: int, threads: int, select: str, max_float_layers: int | None, refine: bool,
          qat_inputs: QatInputs | None, say: Any, started: float, head: str | None = None,
          detection_labels: str | Path | None = None) -> dict:
@@ -88,9 +94,8 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
     from edgeq.report.auto import render_auto_html
 
     config = config or Int8Static()
-    arrays, labels = materialize(val, source)
-    own_executor = executor is None
-    executor = executor or LocalPool(2)
+    probe = first_batch(val, source)
+    labels = probe.labels
     rule = DecisionRule(ship_below=max(budget, 1e-9), qat_up_to=max(budget, 3.0))
     reference = None
     if head is not None:
@@ -102,16 +107,21 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
         reference = str(save(source.proto, folder.path("candidates/fp32.onnx"), force=True))
         if head is None:
             say("the validation data has no labels: measuring fidelity to the FP32 model (budget in points of it)")
-    search = Search(folder, executor, arrays, labels, budget, rule, reference, detect=head is not None,
-                    detection_labels=None if detection_labels is None else str(detection_labels))
     steps: list[dict] = []
+    executor, own_executor = as_executor("local" if executor is None else executor, workers)
     try:
+        source_data = data_source(val, source.inputs, executor)
+        if source_data is None:
+            raise ConfigError("auto validates on samples it can split (files, arrays, lists), not on whole feeds",
+                              "give the validation data as an .npz file, a folder, or arrays")
+        search = Search(folder, executor, source_data, budget, rule, reference, detect=head is not None,
+                        detection_labels=None if detection_labels is None else str(detection_labels))
         float_candidates(search, source, say)
         preps, best, feed = pick_calibration(search, source, calib, config, methods, select, steps, say)
         prep = preps[best.recipe.method]
         say(f"best calibration: {best.recipe.method} (drop {best.drop:+.2f}); analysing layers")
         analysis = analyze(source, calib, target, val=val, config=config, prepared=prep,
-                           minmax_ranges=preps["minmax"].ranges if "minmax" in preps else None)
+                           minmax_ranges=preps["minmax"].ranges if "minmax" in preps else None, executor=executor)
         ranked = [s.node for s in analysis.sensitivity]
         n_layers = len(prep.layers)
         if not best.meets:
@@ -121,10 +131,10 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
         if not search.meeting() and qat_inputs is not None:
             qat_step(search, qat_inputs, dataclasses.replace(config, method=best.recipe.method), source, steps, say)
         say("measuring latency of every candidate")
-        measure(list(search.records.values()), n_layers, threads, bench_runs, bench_batch, bench_shapes(source, arrays, bench_batch))
+        measure(list(search.records.values()), n_layers, threads, bench_runs, bench_batch, bench_shapes(source, probe.inputs, bench_batch))
         meeting = search.within_budget()
         chosen = choose(meeting)
-        notes = [s["result"] for s in steps if "result" in s]
+        notes = [s["result"] for s in steps if "result" in s] + executor.notes
         hint = None if qat_inputs is not None else qat_command(source, val_spec, config, output)
         outcome = assemble_verdict(chosen, meeting, search, budget, n_layers, analysis, best, notes, hint)
     except BaseException as exc:
@@ -141,7 +151,7 @@ def _run(source: Model, calib: Dataset, val: Dataset, val_spec: Dataset | str | 
         folder.write_json(f"candidates/{c.name}.json", c.to_dict())
     report = assemble_report(f"edgeq auto: {source.name}", budget, labels is not None or detection_labels is not None, search, outcome, chosen, analysis,
                              calib_samples=prep.samples, n_layers=n_layers, steps=steps, threads=threads, batch=bench_batch,
-                             workers=getattr(executor, "workers", 1), started=started)
+                             workers=executor.workers, started=started)
     folder.write_json("report.json", report)
     folder.write_text("report.html", render_auto_html(report))
     return report

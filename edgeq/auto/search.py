@@ -11,9 +11,9 @@ import numpy as np
 from edgeq.analyze.sensitivity import eval_inputs, fidelity, full_int8_fidelity, outputs_of
 from edgeq.auto.candidates import Candidate, EvalTask, Recipe, evaluate_task
 from edgeq.data import Dataset
-from edgeq.executor import Executor
+from edgeq.evaluate.shards import DataSource, validate_many
+from edgeq.executors import Executor
 from edgeq.model import Model
-from edgeq.progress import step
 from edgeq.quantize.config import Int8Static
 from edgeq.quantize.qdq import Prepared, prepare_and_calibrate_each, quantize_qdq
 from edgeq.sqnr import BROKEN_SQNR_DB
@@ -23,13 +23,17 @@ from edgeq.sqnr import BROKEN_SQNR_DB
 # repair without it recovers 0–93 %; at W8A8 there was no loss left to recover and it cost 2.6–364 s.
 ADAROUND_WEIGHT_BITS = (4,)
 
+BATCH = 64   # validation batch size of every candidate
+
 
 class Search:
-    """Saves, evaluates and records candidates; counts evaluations."""
+    """Saves, evaluates and records candidates; counts evaluations. Candidates are validated through the executor,
+    split by data shard (a detector: one task per candidate), on the validation data's `source`: its file, or its
+    arrays shared once."""
 
-    def __init__(self, folder, executor: Executor, arrays, labels, budget: float, rule, reference: str | None = None,
+    def __init__(self, folder, executor: Executor, source: DataSource, budget: float, rule, reference: str | None = None,
                  detect: bool = False, detection_labels: str | None = None) -> None:
-        self.folder, self.executor, self.arrays, self.labels = folder, executor, arrays, labels
+        self.folder, self.executor, self.source = folder, executor, source
         self.budget, self.rule, self.reference = budget, rule, reference
         self.detect, self.detection_labels = detect, detection_labels
         self.records: dict[str, Candidate] = {}
@@ -40,24 +44,26 @@ class Search:
         from edgeq.evaluate import compare
         from edgeq.model import save
 
-        tasks = []
-        for name, proto, _ in candidates:
-            path = save(proto, self.folder.path(f"candidates/{name}.onnx"), force=True)
-            tasks.append(EvalTask(name, str(path), self.arrays, self.labels, reference=self.reference, detect=self.detect,
-                                  detection_labels=self.detection_labels))
-        with step(f"validating {', '.join(t.name for t in tasks)}"[:80]):
-            results = self.executor.map(evaluate_task, tasks)
-        self.evaluations += len(tasks)
+        paths = [str(save(proto, self.folder.path(f"candidates/{name}.onnx"), force=True)) for name, _, _ in candidates]
+        description = f"validating {', '.join(name for name, _, _ in candidates)}"[:80]
+        if self.detect:
+            tasks = [EvalTask(name, path, self.source, reference=self.reference, detection_labels=self.detection_labels)
+                     for (name, _, _), path in zip(candidates, paths)]
+            results = self.executor.map(evaluate_task, tasks, description)
+        else:
+            records = validate_many(paths, self.source, self.reference, BATCH, [], self.executor, description=description)
+            results = [{k: v for k, v in r.to_dict().items() if k != "predictions"} for r in records]
+        self.evaluations += len(paths)
         out = []
-        for (name, _, recipe), task, result in zip(candidates, tasks, results):
-            evaluation = self.evaluations - len(tasks) + len(out) + 1
+        for (name, _, recipe), path, result in zip(candidates, paths, results):
+            evaluation = self.evaluations - len(paths) + len(out) + 1
             if self.base is None:
                 self.base = result
                 drop, drop_ci95, meets, reasons = 0.0, [0.0, 0.0], True, None
             else:
                 c = compare(self.base if self.reference is None else _perfect(result), result, self.rule).to_dict()
                 drop, drop_ci95, meets, reasons = c["drop"], c["drop_ci95"], bool(c["drop"] <= self.budget), c["reasons"]
-            candidate = Candidate(name, task.model_path, recipe, result["metric"], result["value"], result["ci95"], evaluation,
+            candidate = Candidate(name, path, recipe, result["metric"], result["value"], result["ci95"], evaluation,
                                   drop, drop_ci95, meets, reasons)
             self.records[name] = candidate
             out.append(candidate)

@@ -25,7 +25,7 @@ from edgeq.data.windows import sample_first, window
 from edgeq.evaluate.fingerprint import BLOCK
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.validation import Partial, _Reference, finish, score
-from edgeq.executors import Executor, Shared, as_executor
+from edgeq.executors import Executor, InProcess, Shared, as_executor
 from edgeq.executors.worker import opened, shared_arrays, shared_model_path
 from edgeq.model import TensorSpec
 
@@ -37,6 +37,7 @@ class DataSource:
     """Where a worker gets the data: a path it reopens (with the image preset), or arrays shared once."""
 
     description: str
+    samples: int
     path: str | None = None
     preset: Any = "raw"
     arrays: Shared | None = None
@@ -88,26 +89,26 @@ def shard_windows(samples: int, batch_size: int, workers: int) -> list[tuple[int
     return [(start, min(start + per_shard * unit, samples)) for start in starts]
 
 
-def validate_many(models: list[str], data: Dataset, reference: str | None, batch_size: int, outputs: list[str],
-                  executor: Executor | str, workers: int | None = None, description: str = "validating") -> list[ValidationRecord]:
+def validate_many(models: list[str], data: "Dataset | DataSource", reference: str | None, batch_size: int,
+                  outputs: list[str], executor: Executor | str, workers: int | None = None,
+                  description: str = "validating") -> list[ValidationRecord]:
     """Every model validated on the same data, by shards through `executor`; records in `models` order. Data that
-    cannot be split (a generator of unknown length, whole feeds) is validated in one task per model."""
+    cannot be split (whole feeds, a source that cannot say how many samples it holds) is validated here, in one
+    pass per model."""
     pool, own = as_executor(executor, workers)
     try:
         specs = runtimes.load(models[0]).inputs
-        samples = None if isinstance(data, Feeds) else data.samples(specs)
-        if samples is None:
+        source = data if isinstance(data, DataSource) else data_source(data, specs, pool)
+        if source is None:
             return [_unsplit(model, data, reference, batch_size, outputs) for model in models]
-        source = _source(data, specs, pool)
         noted = len(pool.notes)
-        step = fixed_batch_size(specs) or batch_size
-        windows = shard_windows(samples, step, pool.workers)
+        windows = shard_windows(source.samples, fixed_batch_size(specs) or batch_size, pool.workers)
         shared_ref = None if reference is None else pool.share_model(reference)
         tasks = [ShardTask(f"{model} [{start}:{stop}]", pool.share_model(model), model, shared_ref, reference, source,
                            start, stop, batch_size, tuple(outputs))
                  for model in models for start, stop in windows]
-        parts = score_shard(tasks[0]) if len(tasks) == 1 else None
-        results = [parts] if parts is not None else pool.map(score_shard, tasks, f"{description}: {len(tasks)} shards")
+        runner = pool if len(tasks) > 1 else InProcess()   # one shard: no worker started for it
+        results = runner.map(score_shard, tasks, f"{description}: {len(tasks)} shard{'s' if len(tasks) > 1 else ''}")
         records = [finish(results[i * len(windows):(i + 1) * len(windows)]) for i in range(len(models))]
     finally:
         if own:
@@ -117,16 +118,25 @@ def validate_many(models: list[str], data: Dataset, reference: str | None, batch
     return records
 
 
-def _source(data: Dataset, specs: list[TensorSpec], executor: Executor) -> DataSource:
-    """A file the workers reopen, or the data read once here and shared."""
-    if data.origin is not None:
-        return DataSource(data.description, path=data.origin[0], preset=data.origin[1])
+def data_source(data: Dataset, specs: list[TensorSpec], executor: Executor) -> DataSource | None:
+    """Where the workers read `data`: its file (reopened from the path), or its samples read once here and shared
+    (`executor.share_arrays`). None for whole feeds, which are not split."""
+    if isinstance(data, Feeds):
+        return None
+    samples = data.samples(specs)
+    if data.origin is not None and samples is not None:
+        return DataSource(data.description, samples, path=data.origin[0], preset=data.origin[1])
     parts: dict[str, list[np.ndarray]] = {}
     for chunk in data.chunks():
         for key, values in sample_first(chunk, specs).items():
             parts.setdefault(key, []).append(values)
-    arrays = {key: np.concatenate(values) for key, values in parts.items()}
-    return DataSource(data.description, arrays=executor.share_arrays(arrays))
+    try:
+        arrays = {key: np.concatenate(values) for key, values in parts.items()}
+    except ValueError:   # samples of different shapes (dynamic dims): not one array
+        return None
+    if not arrays:
+        return None   # no samples: validation in one pass says so
+    return DataSource(data.description, len(next(iter(arrays.values()))), arrays=executor.share_arrays(arrays))
 
 
 def _unsplit(model: str, data: Dataset, reference: str | None, batch_size: int, outputs: list[str]) -> ValidationRecord:

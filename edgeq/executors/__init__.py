@@ -5,7 +5,8 @@ mapped through one interface with two engines behind it.
 - `ray`: the actors of a Ray cluster (`RayCluster`: `RAY_ADDRESS`, or a Ray instance started here), from the
   optional `edgeq[ray]` extra.
 
-Large values travel once: `share_arrays` (validation data held in memory) and `share_model` (a model's files) give a
+Large values travel once: `share_arrays` (validation data held in memory), `share_model` (a model's files) and
+`share` (any other picklable value: a prepared graph; locally it travels with each task, over the pipe) give a
 `Shared` handle that tasks carry and workers resolve (`edgeq.executors.worker`), each worker keeping one inference
 session per model. Data given as a file is read by the workers from the path (shared storage), never through the
 driver. A task whose worker dies is retried (`RETRIES` times) and said in `notes`; a task that keeps killing its
@@ -52,6 +53,8 @@ class Executor(Protocol):
 
     def share_arrays(self, arrays: dict[str, np.ndarray]) -> Shared: ...
 
+    def share(self, value: Any) -> Shared: ...
+
     def share_model(self, path: str) -> Shared: ...
 
     def close(self, *, stop_workers: bool = False) -> None: ...
@@ -72,6 +75,9 @@ class InProcess:
 
     def share_arrays(self, arrays: dict[str, np.ndarray]) -> Shared:
         return Shared("memory", arrays)
+
+    def share(self, value: Any) -> Shared:
+        return Shared("memory", value)
 
     def share_model(self, path: str) -> Shared:
         return Shared("file", str(path))

@@ -85,6 +85,10 @@ class LocalPool:
         np.savez(path, **arrays)
         return Shared("npz", str(path))
 
+    def share(self, value: Any) -> Shared:
+        """Sent with each task (pickled over the local pipe): for values a few tasks carry."""
+        return Shared("memory", value)
+
     def share_model(self, path: str) -> Shared:
         return Shared("file", str(path))
 

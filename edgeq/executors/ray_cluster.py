@@ -47,6 +47,7 @@ class RayCluster:
         self.notes: list[str] = []
         self._actors: list[Any] = []
         self._worker_class: Any = None
+        self._models: dict[tuple, Shared] = {}   # each model file's object-store copy
 
     def _start(self, workers: int | None) -> None:
         """Connect to RAY_ADDRESS, or start a local instance whose workers import this very edgeq."""
@@ -104,13 +105,21 @@ class RayCluster:
     def share_arrays(self, arrays: dict[str, np.ndarray]) -> Shared:
         return Shared("ray-arrays", self._ray.put(arrays))
 
+    def share(self, value: Any) -> Shared:
+        return Shared("ray-value", self._ray.put(value))
+
     def share_model(self, path: str) -> Shared:
-        """The model's files (external data included) into the object store; workers write them out once each."""
+        """The model's files (external data included) into the object store, once per file version; workers write
+        them out once each."""
         from edgeq.model import model_files
 
-        folder = Path(path).parent
-        files = {str(f.relative_to(folder)): f.read_bytes() for f in model_files(path)}
-        return Shared("ray-files", (self._ray.put(files), Path(path).name))
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in self._models:
+            folder = Path(path).parent
+            files = {str(f.relative_to(folder)): f.read_bytes() for f in model_files(path)}
+            self._models[key] = Shared("ray-files", (self._ray.put(files), Path(path).name))
+        return self._models[key]
 
     def _started_actors(self) -> list[Any]:
         if self._worker_class is None:

@@ -6,6 +6,8 @@ once, and one opened model (with its inference session) per model file, the few 
 """
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -15,25 +17,31 @@ import numpy as np
 
 from edgeq.executors import Shared
 
-KEPT_MODELS = 4   # opened models (and sessions) a worker keeps: a candidate and its reference, and a few more
+KEPT = 4   # shared values and opened models (with sessions) a worker keeps: a candidate, its reference, the data
 _values: OrderedDict[Any, Any] = OrderedDict()
 _models: OrderedDict[tuple, "Opened"] = OrderedDict()
 
 
 def shared_arrays(shared: Shared) -> dict[str, np.ndarray]:
-    """The arrays behind a handle: in this process, in a .npz file, or in Ray's object store."""
+    """The arrays behind a handle: in this process, in a .npz file (read once per worker), or in Ray's object store."""
+    if shared.kind != "npz":
+        return shared_value(shared)
+    key = _key(shared)
+    if key not in _values:
+        with np.load(shared.value, allow_pickle=False) as archive:
+            _keep(_values, key, {name: archive[name] for name in archive.files}, KEPT)
+    return _values[key]
+
+
+def shared_value(shared: Shared) -> Any:
+    """Any other shared value: in this process (sent with the task), or in Ray's object store."""
     if shared.kind == "memory":
         return shared.value
     key = _key(shared)
     if key not in _values:
-        if shared.kind == "npz":
-            with np.load(shared.value, allow_pickle=False) as archive:
-                value = {name: archive[name] for name in archive.files}
-        else:
-            import ray
+        import ray
 
-            value = ray.get(shared.value)
-        _keep(_values, key, value, KEPT_MODELS)
+        _keep(_values, key, ray.get(shared.value), KEPT)
     return _values[key]
 
 
@@ -47,10 +55,11 @@ def shared_model_path(shared: Shared) -> str:
 
         ref, main = shared.value
         folder = Path(tempfile.mkdtemp(prefix="edgeq-model-"))
+        atexit.register(shutil.rmtree, folder, True)
         for name, data in ray.get(ref).items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(data)
-        _keep(_values, key, str(folder / main), KEPT_MODELS)
+        _keep(_values, key, str(folder / main), KEPT)
     return _values[key]
 
 
@@ -74,7 +83,7 @@ def opened(path: str) -> Opened:
     stat = Path(path).stat()
     key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _models:
-        _keep(_models, key, Opened(runtimes.load(path)), KEPT_MODELS)
+        _keep(_models, key, Opened(runtimes.load(path)), KEPT)
     _models.move_to_end(key)
     return _models[key]
 
