@@ -44,7 +44,7 @@ class Search:
         from edgeq.evaluate import compare
         from edgeq.model import save
 
-        paths = [str(save(proto, self.folder.path(f"candidates/{name}.onnx"), force=True)) for name, _, _ in candidates]
+        paths = [str(save(proto, self.folder.path(f"candidates/{name}.onnx"), force=True)) for name, proto, _ in candidates]
         description = f"validating {', '.join(name for name, _, _ in candidates)}"[:80]
         if self.detect:
             tasks = [EvalTask(name, path, self.source, reference=self.reference, detection_labels=self.detection_labels)
