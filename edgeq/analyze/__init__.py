@@ -17,7 +17,7 @@ from edgeq.analyze.sensitivity import Fidelity, LayerSensitivity, eval_inputs, f
 from edgeq.analyze.support import SupportReport, file_support, load_profile, operator_support, profiles
 from edgeq.data import Dataset, open_data
 from edgeq.errors import UserError
-from edgeq.executors import Executor, as_executor
+from edgeq.executors import Executor, running
 from edgeq.model import Model, load
 from edgeq.quantize.config import Int8Static
 from edgeq.quantize.qdq import Prepared, prepare_and_calibrate, prepare_static, quantizable_layers
@@ -80,14 +80,10 @@ def analyze(model: Model | str | Path, calib: Dataset | str | Path | None = None
     if prepared is not None and calib is not None:
         feed = eval_inputs(prepared, calib, samples)
         result.int8_fidelity = full_int8_fidelity(prepared, feed)
-        pool, own = as_executor(executor, workers)
-        noted = len(pool.notes)
-        try:
+        with running(executor, workers) as pool:
+            noted = len(pool.notes)
             result.sensitivity = sensitivity(prepared, feed, executor=pool)
-        finally:
-            if own:
-                pool.close()
-        notes += pool.notes[noted:]
+            notes += pool.notes[noted:]
         minmax = prepared.ranges if prepared.method == "minmax" else minmax_ranges
         if minmax is None and val is not None:
             minmax = prepare_and_calibrate(source, calib, config, method="minmax").ranges

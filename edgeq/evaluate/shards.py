@@ -25,7 +25,7 @@ from edgeq.data.windows import sample_first, window
 from edgeq.evaluate.fingerprint import BLOCK
 from edgeq.evaluate.record import ValidationRecord
 from edgeq.evaluate.validation import Partial, _Reference, finish, score
-from edgeq.executors import Executor, InProcess, Shared, as_executor
+from edgeq.executors import Executor, InProcess, Shared, running
 from edgeq.executors.worker import opened, shared_arrays, shared_model_path
 from edgeq.model import TensorSpec
 
@@ -95,8 +95,7 @@ def validate_many(models: list[str], data: "Dataset | DataSource", reference: st
     """Every model validated on the same data, by shards through `executor`; records in `models` order. Data that
     cannot be split (whole feeds, a source that cannot say how many samples it holds) is validated here, in one
     pass per model."""
-    pool, own = as_executor(executor, workers)
-    try:
+    with running(executor, workers) as pool:
         specs = runtimes.load(models[0]).inputs
         source = data if isinstance(data, DataSource) else data_source(data, specs, pool)
         if source is None:
@@ -110,11 +109,8 @@ def validate_many(models: list[str], data: "Dataset | DataSource", reference: st
         runner = pool if len(tasks) > 1 else InProcess()   # one shard: no worker started for it
         results = runner.map(score_shard, tasks, f"{description}: {len(tasks)} shard{'s' if len(tasks) > 1 else ''}")
         records = [finish(results[i * len(windows):(i + 1) * len(windows)]) for i in range(len(models))]
-    finally:
-        if own:
-            pool.close()
-    for record in records:
-        record.warnings.extend(pool.notes[noted:])
+        for record in records:
+            record.warnings.extend(pool.notes[noted:])
     return records
 
 

@@ -19,6 +19,8 @@ as it is, at once.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -114,6 +116,21 @@ def as_executor(executor: Executor | str | None, workers: int | None = None) -> 
     if isinstance(executor, str):
         return make_executor(executor, workers), True
     return executor, False
+
+
+@contextmanager
+def running(executor: Executor | str | None, workers: int | None = None) -> Iterator[Executor]:
+    """The executor to use; one made here from a name is closed after, its workers stopped on an interrupt."""
+    pool, own = as_executor(executor, workers)
+    if not own:
+        yield pool
+        return
+    try:
+        yield pool
+    except BaseException as exc:
+        pool.close(stop_workers=not isinstance(exc, Exception))
+        raise
+    pool.close()
 
 
 def retried_note(description: str, retried: dict[str, int]) -> str:
