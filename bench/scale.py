@@ -1,5 +1,6 @@
 """Validation throughput by executor: edgeq `validate` with the local executor at 1 and 2 worker processes and on Ray
-with 2 workers, same model and data, in one run; and the costs docs/SCALING.md estimates `auto`'s wall time from.
+with 2 workers, same model and data, in one run; and the costs docs/SCALING.md estimates `auto`'s wall time from
+(one more candidate's build, open and dispatch; `auto`'s fixed cost and its marginal cost per validation sample).
 
 Model: the planted-outlier residual digits CNN in FP32 (edgeq/testing/planted.py, cached per machine like the tests'
 copy), one intra-op thread per worker. Data: its 718 held-out images tiled to `--samples`, written once as an .npz
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,9 +33,9 @@ FIGURES = ("value", "ci95", "per_sample", "data_fingerprint")
 
 def tiled_data(source: Path, samples: int, out: Path) -> Path:
     with np.load(source) as val:
-        x, y = val["x"], val["labels"]
-    reps = -(-samples // len(x))
-    np.savez(out, x=np.concatenate([x] * reps)[:samples], labels=np.concatenate([y] * reps)[:samples])
+        arrays = {k: val[k] for k in val.files}
+    reps = -(-samples // len(arrays["labels"]))
+    np.savez(out, **{k: np.concatenate([v] * reps)[:samples] for k, v in arrays.items()})
     return out
 
 
@@ -45,6 +47,8 @@ def timed(fn) -> tuple[float, object]:
 
 def executor_rows(model: Path, data: Path, samples: int) -> tuple[list[dict], dict]:
     baseline_s, baseline = timed(lambda: edgeq.validate(model, data))
+    record = baseline.to_dict()
+    compare_s, _ = timed(lambda: edgeq.compare(record, record))   # the driver's paired bootstrap, per candidate
     rows = [{"executor": "in-process (no executor)", "workers": 1, "first_s": baseline_s, "steady_s": baseline_s}]
     figures = {k: baseline.to_dict()[k] for k in FIGURES}
     for kind, workers in (("local", 1), ("local", 2), ("ray", 2)):
@@ -56,7 +60,7 @@ def executor_rows(model: Path, data: Path, samples: int) -> tuple[list[dict], di
         rows.append({"executor": kind, "workers": workers, "first_s": start_s + first_s, "steady_s": steady_s, "same_figures": same})
     for row in rows:
         row["samples_per_s"] = samples / row["steady_s"]
-    return rows, {"top1": baseline.value, "samples": baseline.samples}
+    return rows, {"top1": baseline.value, "samples": baseline.samples, "compare_s": compare_s}
 
 
 def candidate_costs(planted, data: Path) -> dict:
@@ -96,6 +100,22 @@ def candidate_costs(planted, data: Path) -> dict:
             "ray_task_overhead_ms": dispatch_s / 200 * 1000}
 
 
+def auto_costs(planted, workdir: Path, samples: int) -> dict:
+    """`auto` in this process on the 718 held-out images and on `samples` of them: the wall-time difference over the
+    sample difference is auto's marginal cost per validation sample (every evaluation and comparison of it), the
+    rest its fixed cost (calibration, sensitivity, builds, latency)."""
+    from edgeq.executors import InProcess
+
+    calib = planted.planted.parent / "calib.npz"
+    runs = {}
+    for n, data in ((718, planted.planted.parent / "val.npz"), (samples, workdir / "val.npz")):
+        seconds, report = timed(lambda: edgeq.auto(planted.planted, calib, data, budget=1.0, output=workdir / f"auto-{n}",
+                                                   executor=InProcess(), force=True))
+        runs[n] = {"seconds": seconds, "evaluations": report["evaluations"], "chosen": report["chosen"]}
+    per_sample = (runs[samples]["seconds"] - runs[718]["seconds"]) / (samples - 718)
+    return {"runs": runs, "per_sample_ms": per_sample * 1000, "fixed_s": runs[718]["seconds"] - 718 * per_sample}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=8192)
@@ -109,12 +129,15 @@ def main() -> None:
     table = [[r["executor"], r["workers"], f"{r['samples_per_s']:.0f}", f"{r['samples_per_s'] / baseline:.2f}×",
               f"{r['first_s']:.1f}", f"{r['steady_s']:.2f}", "—" if "same_figures" not in r else ("yes" if r["same_figures"] else "NO")]
              for r in rows]
-    print(f"digits CNN (planted, FP32), {about['samples']} samples, top-1 {about['top1']:.2f}%")
+    print(f"digits CNN (planted, FP32), {about['samples']} samples, top-1 {about['top1']:.2f}%, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; compare (driver) {about['compare_s']:.3f} s")
     print(markdown_table(["executor", "workers", "samples/s", "vs in-process", "first call s (start-up included)",
                           "steady call s", "figures identical"], table))
     costs = candidate_costs(planted, args.workdir)
     print(markdown_table(["cost", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else str(v)] for k, v in costs.items()]))
-    print(json.dumps({"rows": rows, "costs": costs, **about}))
+    auto = auto_costs(planted, args.workdir, args.samples)
+    print(f"auto in-process: {auto['runs']}; marginal {auto['per_sample_ms']:.3f} ms per validation sample, fixed {auto['fixed_s']:.1f} s")
+    print(json.dumps({"rows": rows, "costs": costs, "auto": auto, **about}))
 
 
 if __name__ == "__main__":
