@@ -42,9 +42,11 @@ class RayCluster:
         self._started_here = False
         if not self._ray.is_initialized():
             self._start(workers)
-        cpus = int(self._ray.cluster_resources().get("CPU", 1))
-        self.workers = max(1, workers or cpus)
+        cpus = max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+        self.workers = min(workers or cpus, cpus)   # an actor holds a CPU: more than the cluster has would never start
         self.notes: list[str] = []
+        if workers and workers > cpus:
+            self.notes.append(f"--workers {workers}: the Ray cluster has {cpus} CPUs, so {cpus} workers ran")
         self._actors: list[Any] = []
         self._worker_class: Any = None
         self._models: dict[tuple, Shared] = {}   # each model file's object-store copy
