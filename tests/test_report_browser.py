@@ -7,7 +7,7 @@ import pytest
 
 import edgeq
 from edgeq.auto import auto
-from edgeq.executor import InProcess
+from edgeq.executors import InProcess
 from edgeq.model import make_session
 from edgeq.testing.shot import find_chromium, open_page, screenshot
 from tests.conftest import make_conv_model
