@@ -13,7 +13,7 @@ import onnx.numpy_helper
 import pytest
 
 import edgeq
-from edgeq.errors import ConfigError
+from edgeq.errors import ConfigError, DataError
 from edgeq.executors import WorkerLost, make_executor
 from edgeq.executors.local import LocalPool
 from tests.conftest import make_conv_model
@@ -110,6 +110,13 @@ def test_a_task_that_always_kills_its_worker_fails_the_run_with_one_line(cluster
         cluster.map(_always_die, [1], "dying")
     assert "on all 3 attempts" in str(failed.value) and "\n" not in str(failed.value)
     assert cluster.map(_square, [2, 3], "squares") == [4, 9], "the replaced workers keep working"
+
+
+def test_a_user_error_in_a_worker_comes_back_as_that_error(cluster, digits, tmp_path):
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((600, 1, 9, 9), np.float32), labels=np.zeros(600, np.int64))
+    with pytest.raises(DataError, match=r"expects \(\?, 1, 8, 8\)") as failed:
+        edgeq.validate(digits / "m.onnx", tmp_path / "wrong.npz", executor=cluster)
+    assert "\n" not in str(failed.value), "one line, as the command line prints it (exit 2)"
 
 
 def test_local_pool_retries_a_killed_worker_and_fails_one_that_always_dies(tmp_path):
