@@ -13,7 +13,7 @@ import pytest
 import edgeq
 import edgeq.cli
 from edgeq.errors import ModelError
-from edgeq.executor import InProcess
+from edgeq.executors import InProcess
 from tests.conftest import digits_8x8, import_source, train_on_digits
 
 torch = pytest.importorskip("torch")
