@@ -175,7 +175,7 @@ def test_binning_in_chunks_equals_binning_at_once(monkeypatch):
 def test_parallel_workers_observe_exactly_what_one_does(conv_model_path, conv_data, monkeypatch):
     """Batches are observed by several threads in whatever order they finish: every histogram, range, sample count
     and held-back batch is the same as with one thread."""
-    import edgeq.calibrate as calibration
+    import edgeq.calibrate.stream as calibration
 
     model, data = edgeq.load(conv_model_path), edgeq.Dataset.from_npz(conv_data)
     seen = {}

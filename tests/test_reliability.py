@@ -787,7 +787,7 @@ def test_calibration_ranges_do_not_depend_on_batch_size_or_threads(work, monkeyp
     data = edgeq.Dataset.from_npz(work / "data.npz")
     reference = calibrate(prepared, data, method=method, batch_size=64).ranges
     for threads in (1, 2):
-        monkeypatch.setattr("edgeq.calibrate.make_session", lambda proto, threads_=threads, **_: make_session(proto, threads=threads_))
+        monkeypatch.setattr("edgeq.runtimes.onnxruntime.make_session", lambda proto, threads_=threads, **_: make_session(proto, threads=threads_))
         for batch_size in (1, 7, 64):
             ranges = calibrate(prepared, data, method=method, batch_size=batch_size).ranges
             assert ranges.keys() == reference.keys()

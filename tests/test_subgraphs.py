@@ -93,7 +93,7 @@ def if_inputs(positive: bool, n: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def _inner_initializers(proto: onnx.ModelProto) -> dict[int, int]:
-    from edgeq.quantize.repair.graph import all_graphs
+    from edgeq.graph import all_graphs
 
     types: dict[int, int] = {}
     for graph in list(all_graphs(proto.graph))[1:]:

@@ -88,6 +88,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--record", type=Path)
     parser.add_argument("--check", type=Path)
+    parser.add_argument("--cases", nargs="*", help="check only these cases (model/recipe)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/edgeq-golden-cache"), help="EDGEQ_CACHE for the run")
     args = parser.parse_args()
     os.environ["EDGEQ_CACHE"] = str(args.cache)
@@ -95,7 +96,9 @@ def main() -> int:
         args.record.write_text(json.dumps(hashes(), indent=1, sort_keys=True) + "\n")
         return 0
     expected = json.loads(args.check.read_text())
-    got = hashes()
+    if args.cases:
+        expected = {case: expected[case] for case in args.cases}
+    got = hashes(set(expected) if args.cases else None)
     differ = [case for case in expected if got.get(case) != expected[case]]
     print(f"{len(expected) - len(differ)} of {len(expected)} cases byte-identical" + (f"; differ: {', '.join(differ)}" if differ else ""))
     return 1 if differ else 0

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 
 from edgeq.quantize.config import Int4WeightOnly
 from edgeq.quantize.packing import BlockQuant, blocked, quantize_rtn
-from edgeq.quantize.repair.graph import Names, Weights, attr, consumers
+from edgeq.graph import Names, Weights, attr, consumers
 
 if TYPE_CHECKING:
     from edgeq.quantize.int4 import ActStats, Target

@@ -3,7 +3,6 @@ initializers float16 nodes read, one Cast per (tensor, type) at every precision 
 names), lossless Cast pairs collapsed, a stable topological order, and the element types written back."""
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -11,11 +10,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.errors import ModelError
 from edgeq.quantize.fp16_plan import Plan, constant_problem
 from edgeq.quantize.fp16_types import FLOAT, FLOAT16, elem_of, node_domain
-from edgeq.quantize.repair.graph import Names, attr_graphs
-from edgeq.quantize.subgraphs import outer_names
+from edgeq.graph import Names, attr_graphs, outer_names, rename_reads, toposort_nodes
 
 
 @dataclass
@@ -161,23 +158,10 @@ def _rewire(nodes: list[onnx.NodeProto], use: tuple, old: str, new: str) -> None
     if use[0] == "subgraph":
         for attr in nodes[use[1]].attribute:
             for subgraph in attr_graphs(attr):
-                _rename_reads(subgraph, old, new)
+                rename_reads(subgraph, old, new)
     else:
         node_index, slot = use
         nodes[node_index].input[slot] = new
-
-
-def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            if name == old:
-                node.input[slot] = new
-        for attr in node.attribute:
-            for subgraph in attr_graphs(attr):
-                _rename_reads(subgraph, old, new)
-    for value in graph.output:
-        if value.name == old:
-            value.name = new
 
 
 def _collapse_casts(nodes: list[onnx.NodeProto], have: dict[str, int], graph_outputs: set[str]) -> list[onnx.NodeProto]:
@@ -201,29 +185,12 @@ def _widens(narrow: int, wide: int) -> bool:
 
 
 def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """Kahn's algorithm, stable: nodes keep their order, an inserted Cast goes right after what it reads."""
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    key = [(producer.get(node.input[0], -1), 1, i) if node.name.startswith("edgeq_cast_") else (i, 0, i)
-           for i, node in enumerate(nodes)]
-    deps = [{producer[name] for name in list(node.input) + sorted(outer_names(node)) if name in producer} for node in nodes]
-    readers: dict[int, list[int]] = defaultdict(list)
-    for i, dep in enumerate(deps):
-        for d in dep:
-            readers[d].append(i)
-    pending = [len(d) for d in deps]
-    ready = [key[i] for i, count in enumerate(pending) if count == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)[2]
-        order.append(nodes[i])
-        for r in readers[i]:
-            pending[r] -= 1
-            if pending[r] == 0:
-                heapq.heappush(ready, key[r])
-    if len(order) != len(nodes):
-        raise ModelError("the model's graph has a cycle", "check the model with onnx.checker")
-    return order
+    """Stable: nodes keep their order, an inserted Cast goes right after what it reads."""
+    def key(i: int, producer: dict[str, int]) -> tuple:
+        node = nodes[i]
+        return (producer.get(node.input[0], -1), 1, i) if node.name.startswith("edgeq_cast_") else (i, 0, i)
+
+    return toposort_nodes(nodes, key)
 
 
 def _write_types(graph: onnx.GraphProto, final: dict[str, onnx.TypeProto], have: dict[str, int], inputs: set[str],

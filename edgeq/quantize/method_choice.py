@@ -21,6 +21,7 @@ from edgeq.data import Dataset, batches
 from edgeq.model import Model
 from edgeq.progress import track
 from edgeq.quantize.config import Int8Static
+from edgeq.runtimes import ONNX_RUNTIME
 from edgeq.sqnr import sqnr_db
 
 # A method other than mse must lead by this much output SQNR to be chosen (see the measurements above: real leads
@@ -39,12 +40,13 @@ def choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Obs
         held = list(batches(calib, prepared.inputs, config.batch_size, max_samples=HOLDOUT_MAX))
         note = (f"--method auto: the calibration data is too small to hold some back; output fidelity measured on "
                 f"{sum(b.size for b in held)} calibration samples")
-    reference = prepared.session(threads=0)
-    names = [o.name for o in reference.get_outputs()]
+    reference = ONNX_RUNTIME.open_graph(prepared.proto, threads=0)
+    names = [o.name for o in prepared.proto.graph.output]
     expected = [reference.run(names, b.inputs) for b in held]
     scores = {}
     for method in track(METHODS, "--method auto: scoring each method", total=len(METHODS)):
-        session = build(seen.ranges(method, percentile=config.percentile, symmetric=config.activation_type == "int8")).session(threads=0)
+        ranges = seen.ranges(method, percentile=config.percentile, symmetric=config.activation_type == "int8")
+        session = ONNX_RUNTIME.open_graph(build(ranges).proto, threads=0)
         scores[method] = round(output_sqnr(expected, [session.run(names, b.inputs) for b in held]), 2)
     return pick(scores), scores, note
 

@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from edgeq.model import Model, opset_of, ort_session
-from edgeq.quantize.repair.graph import Names, all_graphs
+from edgeq.graph import Names, all_graphs
 
 PER_CHANNEL_OPSET = 13
 INT4_OPSET = 21  # int4 QuantizeLinear/DequantizeLinear are standard ONNX from opset 21

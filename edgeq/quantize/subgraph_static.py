@@ -12,10 +12,11 @@ import onnx
 
 from edgeq.calibrate import Feeds, feed_batches, with_outputs
 from edgeq.data import Dataset
-from edgeq.model import Model, make_session, run_session
+from edgeq.model import Model, run_session
 from edgeq.quantize.config import Int8Static
 from edgeq.quantize.subgraphs import Body, bodies, initializer_values, quantize_bodies
 from edgeq.quantize.summary import QuantSummary
+from edgeq.runtimes import ONNX_RUNTIME
 
 
 def quantize_static_bodies(prepared: Model, result: Model, config: Int8Static, calib: Dataset,
@@ -58,8 +59,9 @@ def _capture(prepared: Model, calib: Dataset, found: list[Body], config: Int8Sta
     wanted = sorted({name for body in branches for name in body.captured} | {body.node.input[0] for body in branches})
     constants = initializer_values(prepared.proto, wanted)
     graph_inputs = {spec.name for spec in prepared.inputs}
-    session = make_session(with_outputs(prepared.proto, [n for n in wanted if n not in constants and n not in graph_inputs]))
-    outputs = [o.name for o in session.get_outputs()]
+    extra = [n for n in wanted if n not in constants and n not in graph_inputs]
+    session = ONNX_RUNTIME.open_graph(with_outputs(prepared.proto, extra))
+    outputs = list(dict.fromkeys([o.name for o in prepared.proto.graph.output] + extra))
     captured: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for batch in feed_batches(calib, prepared.inputs, config.batch_size, config.max_samples):
         values = dict(zip(outputs, run_session(session, outputs, batch.inputs, "the model",

@@ -9,7 +9,6 @@ reads, captured on the calibration data where the branch is taken.
 """
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,24 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeq.errors import ModelError
-from edgeq.quantize.repair.graph import Names, all_graphs, attr_graphs
+from edgeq.graph import Names, all_graphs, outer_names, rename
 from edgeq.quantize.summary import QuantSummary
-
-
-def outer_names(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs read from the enclosing scope (read inside, defined nowhere inside)."""
-    read, defined = set(), set()
-    for attribute in node.attribute:
-        for subgraph in attr_graphs(attribute):
-            for graph in all_graphs(subgraph):
-                defined.update(v.name for v in graph.input)
-                defined.update(t.name for t in graph.initializer)
-                for inner in graph.node:
-                    read.update(name for name in inner.input if name)
-                    defined.update(inner.output)
-                read.update(v.name for v in graph.output)
-    return read - defined
 
 
 @dataclass
@@ -115,7 +98,7 @@ def put_back(body: Body, converted: onnx.ModelProto, reserved: set[str]) -> None
     if clashes:
         names = Names(onnx.ModelProto(graph=graph))
         names.used |= reserved
-        _rename(graph, {name: names.fresh(name) for name in sorted(clashes)})
+        rename(graph, {name: names.fresh(name) for name in sorted(clashes)})
     body.attribute.g.CopyFrom(graph)
     reserved |= _defined(graph)
 
@@ -126,17 +109,6 @@ def _defined(graph: onnx.GraphProto) -> set[str]:
         names.update(t.name for t in g.initializer)
         names.update(out for node in g.node for out in node.output if out)
     return names
-
-
-def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    for g in all_graphs(graph):
-        for tensor in g.initializer:
-            tensor.name = renames.get(tensor.name, tensor.name)
-        for node in g.node:
-            node.input[:] = [renames.get(n, n) for n in node.input]
-            node.output[:] = [renames.get(n, n) for n in node.output]
-        for value in list(g.value_info) + list(g.output):
-            value.name = renames.get(value.name, value.name)
 
 
 Quantizer = Callable[[Body, onnx.ModelProto], "tuple[onnx.ModelProto, QuantSummary] | str"]
@@ -210,35 +182,6 @@ def merge(summary: QuantSummary, done: list[tuple[str, QuantSummary | str]]) -> 
         summary.notes.extend(f"subgraph {label}: {note}" for note in inner.notes)
     summary.quantized = dict(sorted(quantized.items()))
     return summary
-
-
-def toposort(graph: onnx.GraphProto) -> None:
-    """Order the graph's nodes so every value, outer-scope reads of subgraphs included, is produced before it is
-    read (ONNX Runtime's quantizer sorts on node inputs only and can move an If before what its branches read).
-    Stable: nodes keep their order where they can."""
-    nodes = list(graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    deps = [{producer[n] for n in list(node.input) + sorted(outer_names(node)) if n in producer and producer[n] != i}
-            for i, node in enumerate(nodes)]
-    readers: dict[int, list[int]] = defaultdict(list)
-    for i, dep in enumerate(deps):
-        for d in dep:
-            readers[d].append(i)
-    pending = [len(d) for d in deps]
-    ready = [i for i, count in enumerate(pending) if count == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for r in readers[i]:
-            pending[r] -= 1
-            if pending[r] == 0:
-                heapq.heappush(ready, r)
-    if len(order) != len(nodes):
-        raise ModelError("the model's graph has a cycle", "check the model with onnx.checker")
-    del graph.node[:]
-    graph.node.extend(order)
 
 
 def initializer_values(proto: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeq.runtimes.base import Runnable, Runtime, Session
+from edgeq.runtimes.base import GraphRuntime, Runnable, Runtime, Session
 from edgeq.runtimes.litert import LiteRT
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 
 # The first that recognises a file runs it; ONNX Runtime, last, takes every other file (its load says what is wrong).
-RUNTIMES: list[Runtime] = [LiteRT(), OnnxRuntime()]
+ONNX_RUNTIME = OnnxRuntime()   # also the GraphRuntime calibration and the passes run graphs in
+RUNTIMES: list[Runtime] = [LiteRT(), ONNX_RUNTIME]
 
 
 def runtime_for(path: str | Path) -> Runtime:
@@ -26,4 +27,4 @@ def load(path: str | Path) -> Runnable:
     return runtime_for(path).load(Path(path))
 
 
-__all__ = ["RUNTIMES", "Runnable", "Runtime", "Session", "load", "runtime_for"]
+__all__ = ["ONNX_RUNTIME", "RUNTIMES", "GraphRuntime", "Runnable", "Runtime", "Session", "load", "runtime_for"]

@@ -3,7 +3,8 @@
 A `Runtime` recognises its files, loads one (checked: the usual ModelErrors) into a `Runnable` — input/output specs,
 a name, its files on disk — and opens `Session`s on it that run a feed dict. ONNX Runtime (`onnxruntime.py`) and
 LiteRT (`litert.py`) implement it; `edgeq.runtimes` picks one by file format. A new runtime is one module here and
-one entry in `RUNTIMES` (`edgeq/runtimes/__init__.py`).
+one entry in `RUNTIMES` (`edgeq/runtimes/__init__.py`). A `GraphRuntime` also runs ONNX graphs held in memory:
+calibration, the static INT8 passes and `--method auto` open their sessions through one (ONNX Runtime's).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnx
 
 from edgeq.model import TensorSpec
 
@@ -60,3 +62,13 @@ class Runtime(Protocol):
         ...
 
     def files(self, path: Path) -> list[Path]: ...
+
+
+class GraphRuntime(Protocol):
+    """A runtime that runs in-memory ONNX graphs: what calibration and the passes measure models with."""
+
+    name: str
+
+    def open_graph(self, proto: onnx.ModelProto, threads: int = 1, *, optimize: bool = True) -> Session:
+        """A session on the graph (`threads` 0: the runtime's default), failing as the runtime fails to load it."""
+        ...

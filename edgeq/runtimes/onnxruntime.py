@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+
 from edgeq.errors import ModelError
 from edgeq.model import Model, load, make_session, model_files
 
@@ -34,6 +36,10 @@ class OnnxRuntime:
             first = (text.splitlines()[0] if text else type(exc).__name__)[:300]
             raise ModelError(f"ONNX Runtime cannot load {path}: {first}",
                              "check that the model runs in ONNX Runtime (operators, opset, types)") from None
+
+    def open_graph(self, proto: onnx.ModelProto, threads: int = 1, *, optimize: bool = True):
+        """A CPU session on an in-memory graph (calibration and the passes); `threads` 0 is ONNX Runtime's default."""
+        return make_session(proto, threads=threads, optimize=optimize)
 
     def files(self, path: Path) -> list[Path]:
         return list(model_files(path))

@@ -25,11 +25,13 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
-from edgeq.calibrate import with_outputs
-from edgeq.data import Dataset, batches
-from edgeq.model import Model, make_session, run_session
+from edgeq.calibrate import collect, with_outputs
+from edgeq.calibrate.collectors import KeptBatches
+from edgeq.data import Batch, Dataset
+from edgeq.graph import attr
+from edgeq.model import Model, run_session
 from edgeq.progress import track
-from edgeq.quantize.repair.graph import attr
+from edgeq.runtimes import ONNX_RUNTIME, GraphRuntime
 
 ZETA, GAMMA = 1.1, -0.1
 LAYER_TYPES = ("Conv", "Gemm", "MatMul")
@@ -165,16 +167,11 @@ def learn_rounding(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, momen
 
 
 @dataclass
-class Layer:
-    """One quantized weight: the float node and its FP32 weight, the quantized node's input, and the quantized
-    initializer behind the weight's DequantizeLinear with its scale and zero point."""
+class WeightLayer:
+    """A float Conv/Gemm/MatMul node and its FP32 weight: what the input moments are collected for."""
 
     node: onnx.NodeProto
     weight: np.ndarray
-    q_input: str
-    codes: onnx.TensorProto
-    scale: np.ndarray
-    zero_point: np.ndarray
 
     @property
     def groups(self) -> int:
@@ -193,17 +190,28 @@ class Layer:
             return canonical.reshape(self.weight.shape)
         return canonical[0] if self.node.op_type == "Gemm" and attr(self.node, "transB", 0) else canonical[0].T
 
-    def grid(self) -> np.ndarray:
-        """The scale broadcast to the canonical weight: a scalar, or one per output channel."""
-        if self.scale.size == 1:
-            return self.scale.reshape(1, 1, 1)
-        return self.scale.reshape(self.groups, -1, 1)
-
     def rows(self, x: np.ndarray) -> np.ndarray:
         """Input rows (groups, rows, inputs per output) of a batch of this layer's input activation."""
         if self.node.op_type != "Conv":
             return x.reshape(-1, x.shape[-1])[None]
         return conv_patches(x, self.node, self.weight.shape[2:], self.groups)
+
+
+@dataclass
+class Layer(WeightLayer):
+    """One quantized weight: the float layer, the quantized node's input, and the quantized initializer behind the
+    weight's DequantizeLinear with its scale and zero point."""
+
+    q_input: str = ""
+    codes: onnx.TensorProto = None  # type: ignore[assignment]
+    scale: np.ndarray = None  # type: ignore[assignment]
+    zero_point: np.ndarray = None  # type: ignore[assignment]
+
+    def grid(self) -> np.ndarray:
+        """The scale broadcast to the canonical weight: a scalar, or one per output channel."""
+        if self.scale.size == 1:
+            return self.scale.reshape(1, 1, 1)
+        return self.scale.reshape(self.groups, -1, 1)
 
 
 def conv_patches(x: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, ...], groups: int) -> np.ndarray:
@@ -229,6 +237,40 @@ def _skip_reason(node: onnx.NodeProto, weight: np.ndarray) -> str | None:
     if node.op_type in ("Gemm", "MatMul") and weight.ndim != 2:
         return "weight is not 2-D"
     return None
+
+
+def float_layers(float_proto: onnx.ModelProto, op_types: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[WeightLayer]:
+    """The named Conv/Gemm/MatMul nodes of the recipe with a constant float weight AdaRound can round: a superset
+    of the layers `find_layers` finds once the QDQ model exists, so their input moments can be collected before."""
+    inits = {t.name: t for t in float_proto.graph.initializer}
+    found = []
+    for node in float_proto.graph.node:
+        if (node.op_type not in LAYER_TYPES or node.op_type not in op_types or not node.name or node.name in exclude
+                or len(node.input) < 2 or node.input[1] not in inits):
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        if _skip_reason(node, weight) is None:
+            found.append(WeightLayer(node, weight))
+    return found
+
+
+class InputMoments:
+    """The collector of each layer's input moments (`Moments`) against its FP32 outputs, on the float model, fed
+    in data order one sample at a time (a Conv's patches are kernel-size times its input)."""
+
+    ordered, skips_holdout = True, False
+
+    def __init__(self, layers: list[WeightLayer], max_samples: int | None) -> None:
+        self.layers, self.max_samples = layers, max_samples
+        self.tensors = list(dict.fromkeys(layer.node.input[0] for layer in layers))
+        self.moments = {layer.node.name: Moments(width=layer.canonical(layer.weight).shape[2]) for layer in layers}
+
+    def update(self, index: int, values: dict[str, np.ndarray], batch: Batch) -> None:
+        for layer in self.layers:
+            w, x = layer.canonical(layer.weight), values[layer.node.input[0]]
+            for k in range(len(x)):
+                rows = layer.rows(x[k:k + 1])
+                self.moments[layer.node.name].add(rows, np.matmul(rows, w.transpose(0, 2, 1)))
 
 
 def find_layers(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto) -> tuple[list[Layer], dict[str, str]]:
@@ -264,30 +306,27 @@ def find_layers(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto) -> tuple
     return layers, skipped
 
 
-def _collect(layers: list[Layer], float_model: Model, feeds: list, q_proto: onnx.ModelProto | None) -> list[Moments]:
-    """One streaming pass: each layer's input rows and FP32 outputs, from the FP32 model, or (`q_proto`) the
-    inputs from the QDQ model against the FP32 outputs on FP32 inputs."""
+def _sequential_moments(layer: Layer, float_model: Model, feeds: list[Batch], q_proto: onnx.ModelProto,
+                        runtime: GraphRuntime) -> Moments:
+    """One layer's moments with its inputs from the QDQ model (the layers before it already rounded) against the
+    FP32 outputs on FP32 inputs: a new model state, so a pass over the kept batches."""
     inputs = {i.name for i in float_model.proto.graph.input}
-    moments = [Moments(width=layer.canonical(layer.weight).shape[2]) for layer in layers]
+    moment = Moments(width=layer.canonical(layer.weight).shape[2])
 
-    def fetch(proto: onnx.ModelProto, names: list[str]):
-        wanted = sorted({n for n in names if n not in inputs})
-        session = make_session(with_outputs(proto, wanted), threads=0)
+    def fetch(proto: onnx.ModelProto, name: str):
+        if name in inputs:
+            yield from (batch.inputs[name] for batch in feeds)
+            return
+        session = runtime.open_graph(with_outputs(proto, [name]), threads=0)
         for batch in feeds:
-            values = dict(zip(wanted, run_session(session, wanted, batch.inputs, "the model", "the calibration data")))
-            yield {n: batch.inputs[n] if n in inputs else values[n] for n in names}
+            yield run_session(session, [name], batch.inputs, "the model", "the calibration data")[0]
 
-    fp_values = fetch(float_model.proto, [layer.node.input[0] for layer in layers])
-    q_values = fetch(q_proto, [layer.q_input for layer in layers]) if q_proto is not None else None
-    for fp in fp_values:
-        q = next(q_values) if q_values is not None else fp
-        for layer, moment in zip(layers, moments):
-            w = layer.canonical(layer.weight)
-            x_fp, x_q = fp[layer.node.input[0]], q[layer.q_input if q_values is not None else layer.node.input[0]]
-            for k in range(len(x_fp)):  # one sample at a time: a Conv's patches are kernel-size times its input
-                rows_fp, rows_q = layer.rows(x_fp[k:k + 1]), layer.rows(x_q[k:k + 1])
-                moment.add(rows_q, np.matmul(rows_fp, w.transpose(0, 2, 1)))
-    return moments
+    w = layer.canonical(layer.weight)
+    for x_fp, x_q in zip(fetch(float_model.proto, layer.node.input[0]), fetch(q_proto, layer.q_input)):
+        for k in range(len(x_fp)):
+            rows_fp, rows_q = layer.rows(x_fp[k:k + 1]), layer.rows(x_q[k:k + 1])
+            moment.add(rows_q, np.matmul(rows_fp, w.transpose(0, 2, 1)))
+    return moment
 
 
 def _round_layer(layer: Layer, moment: Moments, settings: AdaRoundSettings) -> tuple[float, float]:
@@ -310,27 +349,35 @@ def _round_layer(layer: Layer, moment: Moments, settings: AdaRoundSettings) -> t
 
 
 def adaround(float_model: Model, quantized: Model, data: Dataset, *, batch_size: int = 16, max_samples: int = 512,
-             settings: AdaRoundSettings = AdaRoundSettings()) -> dict:
+             settings: AdaRoundSettings = AdaRoundSettings(), runtime: GraphRuntime = ONNX_RUNTIME) -> dict:
     """Replace, in place, the round-to-nearest weights of `quantized` (a static QDQ model of `float_model`) with
-    learned roundings on the grid of the same scales. Returns what ran: layers rounded, and per layer the output
-    error (mean squared, on the calibration rows) of nearest and of AdaRound.
+    learned roundings on the grid of the same scales, from one pass over `data`. Returns what ran: layers rounded,
+    and per layer the output error (mean squared, on the calibration rows) of nearest and of AdaRound.
 
     >>> adaround(prepared, qdq_model, calib)["layers"]          # doctest: +SKIP
     12
     """
+    moments = InputMoments(float_layers(float_model.proto, LAYER_TYPES), max_samples)
+    feeds = KeptBatches(max_samples)
+    collect(float_model, data, [feeds] + ([] if settings.sequential else [moments]), batch_size=batch_size,
+            label="AdaRound: collecting layer inputs", runtime=runtime)
+    return round_layers(float_model, quantized, moments.moments, feeds.batches, settings, runtime)
+
+
+def round_layers(float_model: Model, quantized: Model, moments: dict[str, Moments], feeds: list[Batch],
+                 settings: AdaRoundSettings = AdaRoundSettings(), runtime: GraphRuntime = ONNX_RUNTIME) -> dict:
+    """AdaRound on the layers of `quantized`, from the FP32 input `moments` collected by `InputMoments` (or, with
+    `settings.sequential`, inputs from the QDQ model on `feeds`)."""
     import time
 
     started = time.perf_counter()
     layers, skipped = find_layers(float_model.proto, quantized.proto)
-    feeds = list(batches(data, float_model.inputs, batch_size, max_samples=max_samples))
     errors: dict[str, list[float]] = {}
-    if settings.sequential:
-        for layer in track(layers, "AdaRound (sequential)", total=len(layers)):
-            errors[layer.node.name] = list(_round_layer(layer, _collect([layer], float_model, feeds, quantized.proto)[0], settings))
-    else:
-        moments = _collect(layers, float_model, feeds, None)
-        for layer, moment in track(list(zip(layers, moments)), "AdaRound", total=len(layers)):
-            errors[layer.node.name] = list(_round_layer(layer, moment, settings))
+    label = "AdaRound (sequential)" if settings.sequential else "AdaRound"
+    for layer in track(layers, label, total=len(layers)):
+        moment = (_sequential_moments(layer, float_model, feeds, quantized.proto, runtime) if settings.sequential
+                  else moments[layer.node.name])
+        errors[layer.node.name] = list(_round_layer(layer, moment, settings))
     reductions = [1 - after / before for before, after in errors.values() if before > 0]
     return {"layers": sum(after < before for before, after in errors.values()), "candidates": len(layers),
             "skipped": skipped, "sequential": settings.sequential, "iterations": settings.iterations,

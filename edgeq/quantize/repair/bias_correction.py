@@ -13,10 +13,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeq.calibrate import with_outputs
-from edgeq.data import Batch, Dataset, batches
-from edgeq.model import Model, make_session
+from edgeq.calibrate import collect, with_outputs
+from edgeq.calibrate.collectors import ChannelMeans, KeptBatches
+from edgeq.data import Batch, Dataset
+from edgeq.graph import consumers, producers
+from edgeq.model import Model
 from edgeq.progress import track
+from edgeq.runtimes import ONNX_RUNTIME, GraphRuntime
 
 LAYERS = ("Conv", "Gemm", "ConvTranspose")
 
@@ -45,43 +48,50 @@ class Target:
         return True
 
 
-def _channel_means(model_proto: onnx.ModelProto, targets: list[tuple[str, int]], feeds: list[Batch]) -> dict[str, np.ndarray]:
+def _channel_means(model_proto: onnx.ModelProto, targets: list[tuple[str, int]], feeds: list[Batch],
+                   runtime: GraphRuntime) -> dict[str, np.ndarray]:
     """Mean of each (output, channel axis) over every other axis, on `feeds`."""
     outputs = [name for name, _ in targets]
-    axes = dict(targets)
-    session = make_session(with_outputs(model_proto, outputs), threads=0)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for batch in feeds:
-        for name, value in zip(outputs, session.run(outputs, batch.inputs)):
-            channels = np.moveaxis(value, axes[name], -1).reshape(-1, value.shape[axes[name]])
-            sums[name] = sums.get(name, 0.0) + channels.sum(axis=0, dtype=np.float64)
-            counts[name] = counts.get(name, 0) + channels.shape[0]
-    return {name: sums[name] / counts[name] for name in outputs}
+    session = runtime.open_graph(with_outputs(model_proto, outputs), threads=0)
+    means = ChannelMeans(targets)
+    for index, batch in enumerate(feeds):
+        means.update(index, dict(zip(outputs, session.run(outputs, batch.inputs))), batch)
+    return means.means()
+
+
+def reference_outputs(float_proto: onnx.ModelProto) -> list[tuple[str, int]]:
+    """(output, channel axis) of every float layer bias correction may correct: a Conv/Gemm/ConvTranspose with a
+    bias, an Add of a constant float vector; a superset of the targets `_targets` finds in the QDQ model, so their
+    FP32 means can be collected before it exists."""
+    inits = {t.name: t for t in float_proto.graph.initializer}
+    found = []
+    for node in float_proto.graph.node:
+        if node.op_type in LAYERS and len(node.input) >= 3 and node.input[2]:
+            found.append((node.output[0], 1))
+        elif node.op_type == "Add" and any(i in inits and inits[i].data_type == onnx.TensorProto.FLOAT
+                                           and len(inits[i].dims) == 1 for i in node.input):
+            found.append((node.output[0], -1))
+    return found
 
 
 def _targets(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto) -> list[Target]:
     """Each quantized Conv/Gemm with an int32 bias, and each quantized MatMul whose output only feeds an Add of a
     float constant vector (the transformer linear layer), in graph order."""
     float_nodes = {n.name: n for n in float_proto.graph.node if n.name}
-    producers = {o: n for n in q_proto.graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in q_proto.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    made_by, readers = producers(q_proto), consumers(q_proto)
     inits = {t.name: t for t in q_proto.graph.initializer}
     found = []
     for node in q_proto.graph.node:
         if node.name not in float_nodes:
             continue
         if node.op_type in LAYERS and len(node.input) >= 3 and node.input[2]:
-            dq = producers.get(node.input[2])
+            dq = made_by.get(node.input[2])
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
                 continue
             if inits[dq.input[0]].data_type == onnx.TensorProto.INT32:
                 found.append(Target(float_nodes[node.name].output[0], node.output[0], 1, inits[dq.input[0]],
                                     numpy_helper.to_array(inits[dq.input[1]])))
-        elif node.op_type == "MatMul" and _is_quantized(node, producers):
+        elif node.op_type == "MatMul" and _is_quantized(node, made_by):
             add = _bias_add(node, readers, inits, float_nodes)
             if add is not None:
                 bias = next(inits[i] for i in add.input if i in inits)
@@ -108,20 +118,27 @@ def _bias_add(matmul: onnx.NodeProto, readers: dict, inits: dict, float_nodes: d
     return users[0] if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 1 else None
 
 
-def correct_bias(float_model: Model, quantized: Model, data: Dataset, *, batch_size: int = 16, max_samples: int = 256) -> int:
+def correct_bias(float_model: Model, quantized: Model, data: Dataset, *, batch_size: int = 16, max_samples: int = 256,
+                 runtime: GraphRuntime = ONNX_RUNTIME) -> int:
     """Shift, in place, the biases of `quantized` (Conv/Gemm int32 biases, MatMul+Add float biases) so that each
     layer's per-channel output mean on `data` matches the FP32 model's. Returns the number of layers corrected.
 
     >>> correct_bias(prepared, qdq_model, calib)          # doctest: +SKIP
     12
     """
-    feeds = list(batches(data, float_model.inputs, batch_size, max_samples=max_samples))
+    feeds, reference = KeptBatches(max_samples), ChannelMeans(reference_outputs(float_model.proto), max_samples)
+    collect(float_model, data, [feeds, reference], batch_size=batch_size, label="bias correction: FP32 means", runtime=runtime)
+    return shift_biases(float_model, quantized, reference.means(), feeds.batches, runtime)
+
+
+def shift_biases(float_model: Model, quantized: Model, reference: dict[str, np.ndarray], feeds: list[Batch],
+                 runtime: GraphRuntime = ONNX_RUNTIME) -> int:
+    """Bias correction from the FP32 per-channel means (`reference_outputs`, collected on the float model): each
+    target's quantized mean is measured on `feeds` with the layers before it already corrected (a new model state
+    per layer: a run over the kept batches each)."""
     targets = _targets(float_model.proto, quantized.proto)
-    if not targets:
-        return 0
-    reference = _channel_means(float_model.proto, [(t.fp_out, t.axis) for t in targets], feeds)
     corrected = 0
     for target in track(targets, "bias correction", total=len(targets)):
-        measured = _channel_means(quantized.proto, [(target.q_out, target.axis)], feeds)[target.q_out]
+        measured = _channel_means(quantized.proto, [(target.q_out, target.axis)], feeds, runtime)[target.q_out]
         corrected += target.shift(reference[target.fp_out] - measured)
     return corrected

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from edgeq.quantize.repair.graph import Weights, attr, consumers, is_float_weight
+from edgeq.graph import Weights, attr, consumers, is_float_weight
 
 # ops between A and B that commute with a positive per-channel scale
 PASS_THROUGH = ("Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from edgeq.quantize.repair.graph import Weights, attr, consumers, is_float_weight
+from edgeq.graph import Weights, attr, consumers, is_float_weight
 
 
 def smoothable(proto: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> dict[str, list[onnx.NodeProto]]:
@@ -148,30 +148,9 @@ def sample_rows(model, data, names: list[str], *, rows: int = 2048, batch_size: 
                 seed: int = 0) -> dict[str, np.ndarray]:
     """A uniform sample (reservoir: constant memory) of `rows` rows of each named activation, flattened to
     [rows, channels] along the last axis, from one pass over `data` (its first `max_samples` samples)."""
-    from edgeq.calibrate import with_outputs
-    from edgeq.data import batches
-    from edgeq.model import make_session, run_session
+    from edgeq.calibrate import collect
+    from edgeq.calibrate.collectors import Reservoir
 
-    session = make_session(with_outputs(model.proto, names), threads=0)
-    rng = np.random.default_rng(seed)
-    kept: dict[str, np.ndarray] = {}
-    seen: dict[str, int] = {}
-    from edgeq.progress import track
-
-    for batch in track(batches(data, model.inputs, batch_size, max_samples=max_samples), "smoothquant: sampling activations"):
-        values = run_session(session, names, batch.inputs, "the model", f"the calibration data ({data.description})")
-        for name, value in zip(names, values):
-            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            start = seen.get(name, 0)
-            if name not in kept:
-                kept[name] = np.empty((0, flat.shape[1]))
-            fill = min(rows - len(kept[name]), len(flat))
-            kept[name] = np.concatenate([kept[name], flat[:fill]])
-            # reservoir sampling (Algorithm R), vectorised: row t replaces slot j ~ U[0, t] when j < rows; numpy's
-            # assignment keeps the last of duplicate slots, as the sequential loop would
-            t = start + np.arange(fill, len(flat))
-            slots = rng.integers(0, t + 1)
-            take = slots < rows
-            kept[name][slots[take]] = flat[fill:][take]
-            seen[name] = start + len(flat)
-    return kept
+    reservoir = Reservoir(list(names), rows=rows, seed=seed, max_samples=max_samples)
+    collect(model, data, [reservoir], batch_size=batch_size, label="smoothquant: sampling activations")
+    return reservoir.kept

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from edgeq.quantize.repair.graph import Weights, is_float_weight, output_channel_axis
+from edgeq.graph import Weights, is_float_weight, output_channel_axis
 
 RATIOS = np.linspace(0.3, 1.0, 71)
 
