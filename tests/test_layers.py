@@ -10,8 +10,8 @@ import edgeq
 # Bottom to top. A module belongs to the longest prefix listed; every module must belong to one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and runtimes", ("edgeq.errors", "edgeq.atomic", "edgeq.interrupts", "edgeq.progress", "edgeq.memory",
-                           "edgeq.formats", "edgeq.model", "edgeq.runtimes", "edgeq.npz", "edgeq.data", "edgeq.limits", "edgeq.timing",
-                           "edgeq.sqnr", "edgeq.torch_in", "edgeq.executors")),
+                           "edgeq.formats", "edgeq.model", "edgeq.runtimes", "edgeq.graph", "edgeq.npz", "edgeq.data", "edgeq.limits",
+                           "edgeq.timing", "edgeq.sqnr", "edgeq.torch_in", "edgeq.executors")),
     ("calibration and passes", ("edgeq.calibrate", "edgeq.quantize.repair")),
     ("quantize and export", ("edgeq.quantize", "edgeq.qat", "edgeq.export")),
     ("evaluate and bench", ("edgeq.evaluate", "edgeq.decide", "edgeq.bench", "edgeq.bench_table", "edgeq.rounds",
