@@ -268,7 +268,7 @@ def test_reshapes_of_a_quantized_tensor_need_no_range_and_the_model_is_the_same(
 
     from edgeq.quantize.qdq import quantized_tensors
 
-    int8 = importlib.import_module("edgeq.quantize.int8")
+    passes = importlib.import_module("edgeq.quantize.passes")
     model = _attention_like_model()
     path = tmp_path / "attention_like.onnx"
     onnx.save(model, path)
@@ -277,7 +277,7 @@ def test_reshapes_of_a_quantized_tensor_need_no_range_and_the_model_is_the_same(
     assert {"h_r", "h_t", "m", "m_r"}.isdisjoint(needed) and {"x", "h", "m_t", "a", "b", "s_r", "s_v"} <= set(needed)
     data = edgeq.Dataset.from_arrays({"x": np.random.default_rng(1).normal(0, 1, (64, 16)).astype(np.float32)})
     fewer = edgeq.quantize(path, config, calib=data)
-    monkeypatch.setattr(int8, "quantized_tensors", lambda proto, ops, exclude=(): None)
+    monkeypatch.setattr(passes, "quantized_tensors", lambda proto, ops, exclude=(): None)
     everything = edgeq.quantize(path, config, calib=data)
     assert fewer.proto.SerializeToString() == everything.proto.SerializeToString()
 
@@ -287,11 +287,11 @@ def test_calibrating_only_the_needed_tensors_gives_the_same_model(conv_model_pat
     their input's scale): the QDQ model is byte-identical to one calibrated on every tensor."""
     import importlib
 
-    int8 = importlib.import_module("edgeq.quantize.int8")
+    passes = importlib.import_module("edgeq.quantize.passes")
     data = edgeq.Dataset.from_npz(conv_data)
     for method in ("minmax", "entropy"):
         needed = edgeq.quantize(conv_model_path, edgeq.Int8Static(method=method), calib=data)
         with monkeypatch.context() as patch:
-            patch.setattr(int8, "quantized_tensors", lambda proto, ops, exclude=(): None)
+            patch.setattr(passes, "quantized_tensors", lambda proto, ops, exclude=(): None)
             everything = edgeq.quantize(conv_model_path, edgeq.Int8Static(method=method), calib=data)
         assert needed.proto.SerializeToString() == everything.proto.SerializeToString()

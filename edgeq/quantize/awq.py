@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edgeq.graph import Names, Weights, attr, consumers, producers
 from edgeq.quantize.config import Int4WeightOnly
 from edgeq.quantize.packing import BlockQuant, blocked, quantize_rtn
-from edgeq.graph import Names, Weights, attr, consumers
 
 if TYPE_CHECKING:
     from edgeq.quantize.int4 import ActStats, Target
@@ -168,7 +168,7 @@ class FoldGraph:
         self.proto = proto
         self.weights = Weights(proto)
         self.users = consumers(proto)
-        self.producers = {o: n for n in proto.graph.node for o in n.output}
+        self.producers = producers(proto)
         self.fixed = {o.name for o in proto.graph.output}
         self.names = Names(proto)
 

@@ -29,7 +29,7 @@ from collections import Counter
 import onnx
 
 from edgeq.errors import ModelError
-from edgeq.model import Model, make_session
+from edgeq.model import Model
 from edgeq.quantize.config import Fp16
 from edgeq.quantize.fp16_plan import Plan, make_plan
 from edgeq.quantize.fp16_rewrite import Stats, rewrite
@@ -37,6 +37,7 @@ from edgeq.quantize.fp16_types import node_domain, opset_versions, ort_has_fp16_
 from edgeq.quantize.prepare import working_copy
 from edgeq.quantize.subgraphs import merge, quantize_bodies
 from edgeq.quantize.summary import QuantSummary
+from edgeq.runtimes import ONNX_RUNTIME
 
 # ORT's load check rejects one node per attempt; more failures than this means something else is wrong.
 MAX_LOAD_ATTEMPTS = 20
@@ -98,7 +99,7 @@ def _load_failure(proto: onnx.ModelProto) -> str | None:
     if proto.ByteSize() >= _PROTOBUF_LIMIT:
         return None  # too large to hand over in memory; edgeq's save() verifies the written file
     try:
-        make_session(proto)
+        ONNX_RUNTIME.open_graph(proto)
     except Exception as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return None

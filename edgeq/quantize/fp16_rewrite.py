@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeq.graph import Names, attr_graphs, outer_names, rename_reads, toposort_nodes
 from edgeq.quantize.fp16_plan import Plan, constant_problem
 from edgeq.quantize.fp16_types import FLOAT, FLOAT16, elem_of, node_domain
-from edgeq.graph import Names, attr_graphs, outer_names, rename_reads, toposort_nodes
 
 
 @dataclass

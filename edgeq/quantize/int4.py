@@ -26,6 +26,7 @@ from edgeq.quantize.gptq import hessian, quantize_gptq
 from edgeq.quantize.packing import BlockQuant, dq_tensors, nbits_tensors, pack_int4, quantize_rtn
 from edgeq.quantize.prepare import INT4_OPSET
 from edgeq.quantize.summary import QuantSummary
+from edgeq.runtimes import ONNX_RUNTIME
 
 # "auto" is GPTQ when calibration data is given, RTN without: on the docstring LM (bench/int4.py, bench/RESULTS.md)
 # GPTQ costs +0.05% perplexity against RTN's +0.27%, for 4 s instead of 0.3 s of quantization time.
@@ -165,7 +166,7 @@ def collect_stats(model: Model, targets: list[Target], calib: Dataset, config: I
     for name in names:
         if name not in outputs:
             proto.graph.output.append(helper.make_empty_tensor_value_info(name))
-    session = Model(proto, model.path).session(threads=config.threads)
+    session = ONNX_RUNTIME.open_graph(proto, threads=config.threads)
     sums: dict[str, np.ndarray] = {}
     abs_sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = dict.fromkeys(names, 0)

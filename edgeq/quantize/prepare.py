@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
-from edgeq.model import Model, opset_of, ort_session
 from edgeq.graph import Names, all_graphs
+from edgeq.model import Model, opset_of, ort_session
 
 PER_CHANNEL_OPSET = 13
 INT4_OPSET = 21  # int4 QuantizeLinear/DequantizeLinear are standard ONNX from opset 21

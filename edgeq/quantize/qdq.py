@@ -18,11 +18,11 @@ import onnx
 from edgeq.calibrate import check_method, float_tensors, observe, to_calibration
 from edgeq.quantize.method_choice import choose_method
 from edgeq.data import Dataset
+from edgeq.graph import toposort
 from edgeq.model import Model
 from edgeq.quantize.config import COMPUTE_OP_TYPES, Int8Static
 from edgeq.quantize.detection_head import protect_head
 from edgeq.quantize.prepare import INT4_OPSET, PER_CHANNEL_OPSET, prepare, upgrade_opset
-from edgeq.graph import toposort
 
 # Ops whose output ONNX Runtime's QDQ quantizer gives the input's scale when that input is quantized (and which
 # quantize nothing otherwise), ops that always quantize their activation inputs and outputs, and activations it folds

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
+from edgeq.graph import producers
 from edgeq.quantize.config import COMPUTE_OP_TYPES
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
@@ -32,11 +33,11 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, op_types: tuple[s
               *, precision: str, mode: str | None) -> QuantSummary:
     """Compare the prepared and the quantized graph: a target node is quantized when it reads dequantized weights
     (static QDQ) or was replaced by an integer op (dynamic)."""
-    producers = {o: n for n in after.graph.node for o in n.output}
+    made_by = producers(after)
 
     def reads_dequantized(node: onnx.NodeProto) -> bool:
         # Both the activation and the weight must come through DequantizeLinear for an int8 kernel to run.
-        return all(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input[:2])
+        return all(i in made_by and made_by[i].op_type == "DequantizeLinear" for i in node.input[:2])
 
     quantized: Counter[str] = Counter()
     quantized_names = set()

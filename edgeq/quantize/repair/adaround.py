@@ -28,7 +28,7 @@ from onnx import numpy_helper
 from edgeq.calibrate import collect, with_outputs
 from edgeq.calibrate.collectors import KeptBatches
 from edgeq.data import Batch, Dataset
-from edgeq.graph import attr
+from edgeq.graph import attr, producers
 from edgeq.model import Model, run_session
 from edgeq.progress import track
 from edgeq.runtimes import ONNX_RUNTIME, GraphRuntime
@@ -279,7 +279,7 @@ def find_layers(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto) -> tuple
     float_nodes = {n.name: n for n in float_proto.graph.node if n.name}
     float_inits = {t.name: t for t in float_proto.graph.initializer}
     inits = {t.name: t for t in q_proto.graph.initializer}
-    producers = {o: n for n in q_proto.graph.node for o in n.output}
+    made_by = producers(q_proto)
     readers: dict[str, int] = {}
     for node in q_proto.graph.node:
         for name in node.input:
@@ -289,7 +289,7 @@ def find_layers(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto) -> tuple
         source = float_nodes.get(node.name)
         if node.op_type not in LAYER_TYPES or source is None or len(node.input) < 2 or source.input[1] not in float_inits:
             continue
-        dq = producers.get(node.input[1])
+        dq = made_by.get(node.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or attr(dq, "block_size", 0):
             continue
         if readers.get(dq.input[0], 0) != 1 or readers.get(node.input[1], 0) != 1:
