@@ -115,7 +115,7 @@ def collect(model: Model, data: Dataset, collectors: list[Collector], *, batch_s
         for rows, group in views.items():
             view = batch if rows == batch.size else _rows(batch, 0, rows)
             names = list(dict.fromkeys(t for c in group for t in c.tensors if t not in graph_inputs))
-            ordered = [c for c in group if c.ordered]
+            ordered, unordered = [c for c in group if c.ordered], [c for c in group if not c.ordered]
             parts: list[dict[str, np.ndarray]] = []
             begin = 0
             while begin < view.size:
@@ -124,9 +124,8 @@ def collect(model: Model, data: Dataset, collectors: list[Collector], *, batch_s
                 named = run(part, names)
                 if ordered:
                     parts.append({t: named[t] for c in ordered for t in c.tensors if t in named})
-                for c in group:
-                    if not c.ordered:
-                        c.update(index, named, part)
+                for k, c in enumerate(unordered):  # each may pop what it has binned; the last one pops the original
+                    c.update(index, named if k == len(unordered) - 1 else dict(named), part)
                 begin += step
             if ordered:
                 joined = parts[0] if len(parts) == 1 else {t: np.concatenate([p[t] for p in parts]) for t in parts[0]}

@@ -27,6 +27,7 @@ from edgeq.calibrate.stream import Collector
 from edgeq.data import Dataset
 from edgeq.model import Model
 from edgeq.quantize.config import Int8Static
+from edgeq.quantize.coverage import CoverageReport
 from edgeq.runtimes import ONNX_RUNTIME, GraphRuntime
 
 
@@ -50,7 +51,7 @@ class StaticState:
     calibration: Calibration | None = None
     calibration_seconds: float = 0.0
     result: Model | None = None
-    coverage: object = None                                # CoverageReport, with --coverage measured
+    coverage: CoverageReport | None = None                 # with --coverage measured
     reads: list[str] = field(default_factory=list)        # one entry per pass over the calibration data: its passes
     read_seconds: float = 0.0
 
@@ -81,12 +82,13 @@ def run_passes(passes: list[Pass], state: StaticState) -> StaticState:
         points = {p.name: p.statistics(state) for p in segment}
         collectors = [point.collector for found in points.values() for point in found]
         if collectors:
-            state.reads.append("+".join(p.name for p in segment if points[p.name]))
+            measuring = [p.name for p in segment if points[p.name]]
+            state.reads.append("+".join(measuring))
             started = time.perf_counter()
             holdout = any(point.holds_back for found in points.values() for point in found)
             state.collected = collect(state.prepared, state.calib, collectors, batch_size=state.config.batch_size, holdout=holdout,
-                                 label="calibrating" if holdout or "calibrate" in points else f"{segment[0].name}: observing",
-                                 runtime=state.runtime)
+                                      label="calibrating" if "calibrate" in measuring else f"{measuring[0]}: observing activations",
+                                      runtime=state.runtime)
             state.read_seconds = time.perf_counter() - started
         for p in segment:
             p.apply(state, {point.name: point.collector for point in points[p.name]})
