@@ -75,3 +75,12 @@ def test_one_pass_feeds_every_collector_what_its_own_pass_did():
     assert means.means()["m1"].shape == (64,)
     seen = observe(model, data, ["h"], batch_size=16)
     assert seen.samples == 128
+
+
+def test_smoothquant_auto_on_a_model_without_smoothable_layers_says_so():
+    """No MatMul/Gemm with a constant weight: nothing to smooth (this raised KeyError 'alphas' in the notes)."""
+    from tests.test_subgraphs import _if_calib, if_inputs, if_model
+
+    x = np.concatenate([if_inputs(True, 32, 1), if_inputs(False, 32, 2)])
+    q = edgeq.quantize(Model(if_model(), None), edgeq.Int8Static(method="minmax", smoothquant="auto"), calib=_if_calib(x))
+    assert q.summary.calibration["repairs"]["smoothquant"] == {"alpha": "auto", "alphas": {}, "activations": 0}
