@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from edgeq.calibrate import HOLDOUT_MAX, METHODS, Observed
-from edgeq.data import Dataset, batches
+from edgeq.data import Batch, Dataset, batches
 from edgeq.model import Model
 from edgeq.progress import track
 from edgeq.quantize.config import Int8Static
@@ -31,13 +31,14 @@ BASELINE = "mse"
 
 
 def choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Observed,
-                  build: Callable[[dict[str, tuple]], Model]) -> tuple[str, dict[str, float], str]:
+                  build: Callable[[dict[str, tuple]], Model], first: list[Batch] | None = None) -> tuple[str, dict[str, float], str]:
     """(chosen method, output SQNR per method, a note saying what the scores were measured on). `build` turns
-    ranges into the QDQ model that would ship."""
+    ranges into the QDQ model that would ship; `first`, the first HOLDOUT_MAX calibration samples when the caller
+    kept them (else they are read again), are scored on when none were held back."""
     held = seen.holdout
     note = f"--method auto: output fidelity measured on {sum(b.size for b in held)} held-back calibration samples"
     if not held:
-        held = list(batches(calib, prepared.inputs, config.batch_size, max_samples=HOLDOUT_MAX))
+        held = first if first is not None else list(batches(calib, prepared.inputs, config.batch_size, max_samples=HOLDOUT_MAX))
         note = (f"--method auto: the calibration data is too small to hold some back; output fidelity measured on "
                 f"{sum(b.size for b in held)} calibration samples")
     reference = ONNX_RUNTIME.open_graph(prepared.proto, threads=0)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from edgeq.calibrate import observed, range_collector, to_calibration
+from edgeq.calibrate import HOLDOUT_MAX, observed, range_collector, to_calibration
 from edgeq.calibrate.collectors import ChannelMeans, KeptBatches, Reservoir, StatisticPoint
 from edgeq.quantize.config import Int8Static
 from edgeq.quantize.method_choice import choose_method
@@ -101,7 +101,10 @@ class CalibrateRanges:
                   if config.coverage == "all" else None)
         collector = range_collector(state.prepared, wanted, histogram=config.method != "minmax", max_samples=config.max_samples,
                                     runtime=state.runtime)
-        return [StatisticPoint("ranges", collector, holds_back=config.method == "auto")]
+        if config.method != "auto":
+            return [StatisticPoint("ranges", collector)]
+        # scored on when too few samples can be held back (then none are)
+        return [StatisticPoint("ranges", collector, holds_back=True), StatisticPoint("first", KeptBatches(HOLDOUT_MAX))]
 
     def apply(self, state: StaticState, stats: dict) -> None:
         started = time.perf_counter()
@@ -110,7 +113,8 @@ class CalibrateRanges:
         state.method, state.held_samples = config.method, sum(b.size for b in state.seen.holdout)
         if config.method == "auto":
             state.method, state.scores, held_note = choose_method(state.prepared, state.calib, config, state.seen,
-                                                                  lambda ranges: build_qdq(state.prepared, config, ranges))
+                                                                  lambda ranges: build_qdq(state.prepared, config, ranges),
+                                                                  stats["first"].batches)
             state.notes.append(held_note)
             state.seen.include_holdout()
         state.calibration = to_calibration(state.seen, state.method, percentile=config.percentile,

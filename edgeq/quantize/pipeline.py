@@ -10,8 +10,8 @@ Reads per recipe (`StaticState.reads` records them):
 
 - default, `--method` any, `--weight-range mse`, `--equalize`, `--rounding adaround`, `--bias-correction`: one read;
 - `--smoothquant` (one alpha or auto): two, its per-channel maxima and sampled rows, then the smoothed graph's ranges;
-- `--coverage measured` adds its first calibration sample; `--method auto` with fewer than 32 samples to hold back
-  (then none are) its first 128 samples; If branches one read to capture the values they read (`subgraph_static.py`).
+- `--coverage measured` adds its first calibration sample; If branches one read to capture the values they read
+  (`subgraph_static.py`).
 
 A new pass is one class in `quantize/passes.py` and one line in `static_passes` there.
 """
