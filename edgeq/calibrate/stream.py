@@ -23,6 +23,7 @@ import onnx
 
 from edgeq.calibrate.observers import release_scratch
 from edgeq.data import Batch, Dataset, batches, count_nonfinite
+from edgeq import interrupts
 from edgeq.errors import DataError
 from edgeq.model import Model, TensorSpec, run_session
 from edgeq.progress import track
@@ -227,14 +228,16 @@ def _in_parallel(stream, pull, feed) -> None:
             release_scratch()
 
     helpers = [threading.Thread(target=work, name=f"edgeq-calibration-{i}", daemon=True) for i in range(WORKERS - 1)]
-    for helper in helpers:
-        helper.start()
     try:
+        with interrupts.deferred():  # an interrupt inside Thread.start would leave a thread that cannot be joined
+            for helper in helpers:
+                helper.start()
         work()
     finally:  # once this thread is done the stream is exhausted or failed: helpers stop after their current batch
         stop.set()
         for helper in helpers:
-            helper.join()
+            if helper.ident is not None:
+                helper.join()
     if errors:
         raise errors[0]
 

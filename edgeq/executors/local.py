@@ -128,7 +128,10 @@ def _submit(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], tasks: Sequence
     attempts[index] += 1
     future: Future = Future()
     try:
-        future = pool.submit(fn, tasks[index])
+        # submit may start the pool's manager thread and processes: an interrupt between creating that thread and
+        # starting it left a pool whose shutdown fails ("cannot join thread before it is started", seen in CI).
+        with interrupts.deferred():
+            future = pool.submit(fn, tasks[index])
     except BrokenProcessPool as exc:
         future.set_exception(exc)
     running[future] = index
