@@ -133,15 +133,30 @@ def running(executor: Executor | str | None, workers: int | None = None) -> Iter
     pool.close()
 
 
-def retried_note(description: str, retried: dict[str, int]) -> str:
-    """The note a run's output carries when workers died and their tasks ran again."""
-    detail = ", ".join(f"{name} ({times}×)" for name, times in retried.items())
-    return f"{description}: a worker died and its task was run again: {detail}; results are complete"
+class Retries:
+    """The attempts of one `map`'s tasks: `lost` counts a task whose worker died and says whether it may run again
+    (else raises `WorkerLost` naming it); `note` is what the run's output says about the retried ones."""
 
+    def __init__(self, tasks: Sequence[Any], description: str) -> None:
+        self.tasks, self.description = tasks, description
+        self.attempts = [0] * len(tasks)
+        self.retried: dict[str, int] = {}
 
-def lost_message(name: str, attempts: int, why: str) -> str:
-    return (f"task {name} killed its worker on all {attempts} attempts ({why}): the run stopped — check the worker's "
-            "memory and logs, or run with fewer --workers")
+    def started(self, index: int) -> None:
+        self.attempts[index] += 1
+
+    def lost(self, index: int, why: str) -> None:
+        name = task_name(self.tasks[index], index)
+        if self.attempts[index] > RETRIES:
+            raise WorkerLost(f"task {name} killed its worker on all {self.attempts[index]} attempts ({why}): the run "
+                             "stopped — check the worker's memory and logs, or run with fewer --workers")
+        self.retried[name] = self.retried.get(name, 0) + 1
+
+    def note(self) -> list[str]:
+        if not self.retried:
+            return []
+        detail = ", ".join(f"{name} ({times}×)" for name, times in self.retried.items())
+        return [f"{self.description}: a worker died and its task was run again: {detail}; results are complete"]
 
 
 def task_name(task: Any, index: int) -> str:

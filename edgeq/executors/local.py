@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeq import interrupts
-from edgeq.executors import RETRIES, Shared, WorkerLost, lost_message, retried_note, task_name
+from edgeq.executors import Retries, Shared
 from edgeq.progress import step
 
 
@@ -42,35 +42,30 @@ class LocalPool:
         if not tasks:
             return []
         results: dict[int, Any] = {}
-        attempts = [0] * len(tasks)
-        retried: dict[str, int] = {}
+        retries = Retries(tasks, description)
         waiting, suspects = deque(range(len(tasks))), deque[int]()
         with step(description, total=len(tasks)) as line:
             while waiting or suspects:
                 running: dict[Future, int] = {}
                 try:
-                    self._run(fn, tasks, waiting, suspects, running, attempts, results, line.advance)
+                    self._run(fn, tasks, waiting, suspects, running, retries, results, line.advance)
                 except BrokenProcessPool:
                     self._discard()
                     for index in sorted(running.values()):
-                        name = task_name(tasks[index], index)
-                        if attempts[index] > RETRIES:
-                            raise WorkerLost(lost_message(name, attempts[index], "the worker process died")) from None
-                        retried[name] = retried.get(name, 0) + 1
+                        retries.lost(index, "the worker process died")
                         suspects.append(index)
-        if retried:
-            self.notes.append(retried_note(description, retried))
+        self.notes += retries.note()
         return [results[i] for i in range(len(tasks))]
 
     def _run(self, fn: Callable[[Any], Any], tasks: Sequence[Any], waiting: deque[int], suspects: deque[int],
-             running: dict[Future, int], attempts: list[int], results: dict[int, Any], advance: Callable[[], None]) -> None:
+             running: dict[Future, int], retries: Retries, results: dict[int, Any], advance: Callable[[], None]) -> None:
         """Submit and collect until every task is done; a suspect (in flight when a worker died) runs alone."""
         pool = self._started()
         while waiting or suspects or running:
             while not running and suspects:
-                _submit(pool, fn, tasks, suspects.popleft(), running, attempts)
-            while waiting and not suspects and len(running) < self.workers and not _suspect_running(running, attempts):
-                _submit(pool, fn, tasks, waiting.popleft(), running, attempts)
+                _submit(pool, fn, tasks, suspects.popleft(), running, retries)
+            while waiting and not suspects and len(running) < self.workers and not _suspect_running(running, retries):
+                _submit(pool, fn, tasks, waiting.popleft(), running, retries)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 results[running[future]] = future.result()   # the task's own error is raised as it is
@@ -123,9 +118,9 @@ class LocalPool:
 
 
 def _submit(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], tasks: Sequence[Any], index: int,
-            running: dict[Future, int], attempts: list[int]) -> None:
+            running: dict[Future, int], retries: Retries) -> None:
     """One attempt of a task; counted as in flight even when the pool broke before taking it (it runs again)."""
-    attempts[index] += 1
+    retries.started(index)
     future: Future = Future()
     try:
         # submit may start the pool's manager thread and processes: an interrupt between creating that thread and
@@ -137,6 +132,6 @@ def _submit(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], tasks: Sequence
     running[future] = index
 
 
-def _suspect_running(running: dict[Future, int], attempts: list[int]) -> bool:
+def _suspect_running(running: dict[Future, int], retries: Retries) -> bool:
     """A task on its second attempt or later runs alone."""
-    return any(attempts[index] > 1 for index in running.values())
+    return any(retries.attempts[index] > 1 for index in running.values())

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeq.errors import ConfigError
-from edgeq.executors import RETRIES, Shared, WorkerLost, lost_message, retried_note, task_name
+from edgeq.executors import Retries, Shared
 from edgeq.progress import step
 
 
@@ -73,8 +73,7 @@ class RayCluster:
         from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
         results: dict[int, Any] = {}
-        attempts = [0] * len(tasks)
-        retried: dict[str, int] = {}
+        retries = Retries(tasks, description)
         waiting = deque(range(len(tasks)))
         idle = list(self._started_actors())
         running: dict[Any, tuple[int, Any]] = {}
@@ -82,7 +81,7 @@ class RayCluster:
             while waiting or running:
                 while waiting and idle:
                     index, actor = waiting.popleft(), idle.pop()
-                    attempts[index] += 1
+                    retries.started(index)
                     running[actor.run.remote(fn, tasks[index])] = (index, actor)
                 ready, _ = self._ray.wait(list(running), num_returns=1)
                 index, actor = running.pop(ready[0])
@@ -92,16 +91,12 @@ class RayCluster:
                     raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
                 except (RayActorError, WorkerCrashedError) as exc:
                     idle.append(self._replace(actor))
-                    name = task_name(tasks[index], index)
-                    if attempts[index] > RETRIES:
-                        raise WorkerLost(lost_message(name, attempts[index], type(exc).__name__)) from None
-                    retried[name] = retried.get(name, 0) + 1
+                    retries.lost(index, type(exc).__name__)
                     waiting.appendleft(index)
                     continue
                 idle.append(actor)
                 line.advance()
-        if retried:
-            self.notes.append(retried_note(description, retried))
+        self.notes += retries.note()
         return [results[i] for i in range(len(tasks))]
 
     def share_arrays(self, arrays: dict[str, np.ndarray]) -> Shared:
