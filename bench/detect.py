@@ -11,13 +11,13 @@ quantizer's wall time and peak memory (each quantization in its own process).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, markdown_table, npz_reader, ort_preprocess, peak_rss_mb, run_child  # noqa: E402
+from _common import (child_or_parse, cost_cells, emit, markdown_table, npz_reader, ort_preprocess, peak_rss_mb,  # noqa: E402
+                     quantize_and_time)
 
 CASES = {  # name: (set kind, calibration images, validation images, the input shape to time)
     "YOLOv8n (nudenet)": ("people", 32, 32, {"images": (1, 3, 320, 320)}),
@@ -43,32 +43,20 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
 
 
 def measure_case(name: str, work: Path, runs: int) -> list[dict]:
-    from edgeq.bench import BenchConfig, benchmark
     from edgeq.evaluate.detect_validation import validate_detection
     from edgeq.demo import detection_data as dd
 
     kind, n_calib, n_val, shapes = CASES[name]
     fp32 = dd.nudenet_model_path() if kind == "people" else dd.layout_model_path()
     calib, val = dd.write_set(work, kind, n_calib, seed=0), dd.write_set(work, kind, n_val, seed=1)
-    paths, quant = {"fp32": fp32}, {}
-    for variant in ("edgeq", "ort-static", "ort-static-per-channel"):
-        out = work / f"{kind}_{variant}.onnx"
-        quant[variant] = run_child([__file__, "_child", variant, str(fp32), str(calib.images), str(out)])
-        paths[variant] = out
-    latency = {}
-    for threads in (1, 2):
-        config = BenchConfig(threads=threads, runs=runs, warmup=3, batch=1, shapes=shapes)
-        latency[threads] = {v: rec for v, rec in zip(paths, benchmark(list(paths.values()), config))}
+    measured = quantize_and_time(__file__, fp32, calib.images, ("edgeq", "ort-static", "ort-static-per-channel"), work,
+                                 runs, batch=1, shapes=shapes)
     rows = []
-    for variant, path in paths.items():
-        record = validate_detection(path, val.images, reference=None if variant == "fp32" else fp32, batch_size=1,
+    for variant, costs in measured.items():
+        record = validate_detection(costs["path"], val.images, reference=None if variant == "fp32" else fp32, batch_size=1,
                                     labels=val.labels) if (val.labels or variant != "fp32") else None
         metrics = record.metrics if record else {}
-        rows.append({"model": name, "variant": variant,
-                     "box_f1": metrics.get("box_f1"), "map50": metrics.get("map50"),
-                     "size_mb": latency[1][variant].size_bytes / 1e6,
-                     "p50_1t": latency[1][variant].latency_ms.p50, "p50_2t": latency[2][variant].latency_ms.p50,
-                     "quant_s": quant.get(variant, {}).get("seconds"), "quant_peak_mb": quant.get(variant, {}).get("peak_rss_mb")})
+        rows.append({"model": name, "variant": variant, "box_f1": metrics.get("box_f1"), "map50": metrics.get("map50"), **costs})
     return rows
 
 
@@ -85,9 +73,7 @@ def report(rows: list[dict]) -> str:
         fp32 = group[0]
         for r in group:
             table.append([model, r["variant"], _estimate(r["box_f1"]), "—" if r["map50"] is None else _estimate(r["map50"]),
-                          f"{r['size_mb']:.2f} ({r['size_mb'] / fp32['size_mb']:.2f}×)",
-                          f"{r['p50_1t']:.2f} ({r['p50_1t'] / fp32['p50_1t']:.2f}×)", f"{r['p50_2t']:.2f} ({r['p50_2t'] / fp32['p50_2t']:.2f}×)",
-                          "—" if r["quant_s"] is None else f"{r['quant_s']:.1f}", "—" if r["quant_peak_mb"] is None else f"{r['quant_peak_mb']:.0f}"])
+                          *cost_cells(r, fp32, speed_up=False)])
     headers = ["model", "variant", "box F1 vs FP32 [95% CI]", "mAP@0.5 on labels [95% CI]", "size MB (vs FP32)",
                "p50 ms 1 thread (vs FP32)", "p50 ms 2 threads (vs FP32)", "quantize s", "quantize peak MB"]
     lines = [markdown_table(headers, table), ""]
@@ -101,12 +87,9 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        child_quantize(*sys.argv[2:6])
+    args = child_or_parse(child_quantize, __doc__.splitlines()[0])
+    if args is None:
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30)
-    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for name in CASES:

@@ -9,7 +9,6 @@ memory (each quantization runs in its own process).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, markdown_table, npz_reader, ort_preprocess, peak_rss_mb, run_child  # noqa: E402
+from _common import child_or_parse, cost_cells, emit, markdown_table, npz_reader, ort_preprocess, peak_rss_mb, quantize_and_time  # noqa: E402
 
 OCR_CALIB, OCR_VAL = 8, 8
 OCR_SHAPE = (1, 3, 736, 992)
@@ -74,27 +73,15 @@ def ocr_case(work: Path) -> dict:
 
 
 def measure_case(case: dict, work: Path, runs: int) -> list[dict]:
-    from edgeq.bench import BenchConfig, benchmark
     from edgeq.evaluate import validate
 
-    paths = {"fp32": case["fp32"]}
-    quant = {}
-    for variant in case["variants"]:
-        out = work / f"{case['fp32'].stem}_{variant}.onnx"
-        quant[variant] = run_child([__file__, "_child", variant, str(case["fp32"]), str(case["calib"]), str(out)])
-        paths[variant] = out
-    latency = {}
-    for threads in (1, 2):
-        config = BenchConfig(threads=threads, runs=runs, warmup=3, batch=case["bench"]["batch"], shapes=case["bench"]["shapes"])
-        latency[threads] = {name: rec for name, rec in zip(paths, benchmark(list(paths.values()), config))}
+    measured = quantize_and_time(__file__, case["fp32"], case["calib"], case["variants"], work, runs,
+                                 batch=case["bench"]["batch"], shapes=case["bench"]["shapes"])
     rows = []
-    for name, path in paths.items():
+    for name, costs in measured.items():
         reference = case["fp32"] if case["reference"] else None
-        record = validate(path, case["val"], reference=reference, batch_size=16).to_dict()
-        rows.append({"model": case["name"], "variant": name, "quality": _quality(record),
-                     "size_mb": latency[1][name].size_bytes / 1e6,
-                     "p50_1t": latency[1][name].latency_ms.p50, "p50_2t": latency[2][name].latency_ms.p50,
-                     "quant_s": quant.get(name, {}).get("seconds"), "quant_peak_mb": quant.get(name, {}).get("peak_rss_mb")})
+        record = validate(costs["path"], case["val"], reference=reference, batch_size=16).to_dict()
+        rows.append({"model": case["name"], "variant": name, "quality": _quality(record), **costs})
     return rows
 
 
@@ -115,9 +102,7 @@ def report(rows: list[dict]) -> str:
         group = [r for r in rows if r["model"] == model]
         fp32 = group[0]
         for r in group:
-            table.append([model, r["variant"], r["quality"], f"{r['size_mb']:.2f} ({r['size_mb'] / fp32['size_mb']:.2f}×)",
-                          f"{r['p50_1t']:.2f} ({fp32['p50_1t'] / r['p50_1t']:.2f}×)", f"{r['p50_2t']:.2f} ({fp32['p50_2t'] / r['p50_2t']:.2f}×)",
-                          "—" if r["quant_s"] is None else f"{r['quant_s']:.1f}", "—" if r["quant_peak_mb"] is None else f"{r['quant_peak_mb']:.0f}"])
+            table.append([model, r["variant"], r["quality"], *cost_cells(r, fp32, speed_up=True)])
     headers = ["model", "variant", "quality vs FP32", "size MB (vs FP32)", "p50 ms 1 thread (speed-up)", "p50 ms 2 threads (speed-up)",
                "quantize s", "quantize peak MB"]
     lines = [markdown_table(headers, table), ""]
@@ -132,12 +117,9 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        child_quantize(*sys.argv[2:6])
+    args = child_or_parse(child_quantize, __doc__.splitlines()[0])
+    if args is None:
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30)
-    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = []

@@ -53,7 +53,7 @@ def _case(case: Case, fp32: Path, folder, runs: int) -> dict:
     from edgeq.evaluate import compare
     from edgeq.evaluate.detect_validation import validate_detection
 
-    data = Path(folder.path(f"detection/data/{case.kind}.npz")).parent
+    data = folder.subfolder("detection/data")
     calib, val = dd.write_set(data, case.kind, case.calibration, seed=0), dd.write_set(data, case.kind, case.validation, seed=1)
     q = edgeq.quantize(edgeq.load(fp32), edgeq.Int8Static(batch_size=1), calib=edgeq.Dataset.from_npz(calib.images))
     int8 = q.save(folder.path(f"detection/models/{case.kind}_int8.onnx"), force=True)

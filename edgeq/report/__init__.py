@@ -55,6 +55,10 @@ class ReportFolder:
         target.parent.mkdir(parents=True, exist_ok=True)
         return self.dir / name
 
+    def subfolder(self, name: str) -> Path:
+        """A folder inside the report folder (created), for files written by code that takes a folder."""
+        return self.path(f"{name}/.keep").parent  # path() checks the name and creates the folder
+
     def final(self, path: Path | str) -> Path:
         """Where a file written under `path(...)` lies once committed."""
         return self.root / Path(path).relative_to(self.dir)
