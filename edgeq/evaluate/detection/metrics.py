@@ -23,16 +23,23 @@ def _match(pred: Detections, truth: Detections, iou_threshold: float) -> tuple[n
 
     Returns per prediction in score order whether it matched, and the IoU of the match (0 when none).
     """
+    hits, hit_iou = match_at(pred, truth, (iou_threshold,))
+    return hits[0], hit_iou[0]
+
+
+def match_at(pred: Detections, truth: Detections, thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """`_match` at several IoU thresholds from one IoU matrix: (T, P) hits and IoUs of the matches."""
     order = np.argsort(-pred.scores, kind="stable")
     iou = iou_matrix(pred.boxes[order], truth.boxes)
     iou = np.where(pred.classes[order][:, None] == truth.classes[None, :], iou, -1.0)
-    taken = np.zeros(len(truth), bool)
-    hit, hit_iou = np.zeros(len(order), bool), np.zeros(len(order))
-    for i in range(len(order)):
-        cand = np.where(taken, -1.0, iou[i])
-        if len(cand) and cand.max() >= iou_threshold:
-            j = int(cand.argmax())
-            taken[j], hit[i], hit_iou[i] = True, True, cand[j]
+    hit, hit_iou = np.zeros((len(thresholds), len(order)), bool), np.zeros((len(thresholds), len(order)))
+    for t, threshold in enumerate(thresholds):
+        taken = np.zeros(len(truth), bool)
+        for i in range(len(order)):
+            cand = np.where(taken, -1.0, iou[i])
+            if len(cand) and cand.max() >= threshold:
+                j = int(cand.argmax())
+                taken[j], hit[t, i], hit_iou[t, i] = True, True, cand[j]
     return hit, hit_iou
 
 

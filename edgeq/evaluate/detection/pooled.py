@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.evaluate.detection.boxes import Detections
-from edgeq.evaluate.detection.metrics import COCO_IOUS, _match, _of_class
+from edgeq.evaluate.detection.metrics import COCO_IOUS, _of_class, match_at
 from edgeq.evaluate.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 
 _RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -53,29 +53,28 @@ class MapTable:
         if len(preds) != len(truths):
             raise ValueError(f"{len(preds)} images of detections for {len(truths)} images of ground truth")
         classes = np.unique(np.concatenate([t.classes for t in truths])) if truths else np.zeros(0, np.int64)
-        curves = []
-        for thr in COCO_IOUS:
-            row = []
-            for c in classes:
-                scores, hits, images = [], [], []
-                counts = np.zeros(len(truths))
-                for i, (p, t) in enumerate(zip(preds, truths)):
-                    pc, tc = _of_class(p, c), _of_class(t, c)
-                    hit, _ = _match(pc, tc, thr)  # in this image's score order
-                    scores.append(np.sort(pc.scores, kind="stable")[::-1])
-                    hits.append(hit)
-                    images.append(np.full(len(pc), i))
-                    counts[i] = len(tc)
-                s, h, im = (np.concatenate(a) if a else np.zeros(0) for a in (scores, hits, images))
-                order = np.argsort(-s, kind="mergesort")
+        curves: list[list[_Curve]] = [[] for _ in COCO_IOUS]
+        for c in classes:
+            scores, hits, images = [], [], []   # hits: per image (thresholds, predictions in its score order)
+            counts = np.zeros(len(truths))
+            for i, (p, t) in enumerate(zip(preds, truths)):
+                pc, tc = _of_class(p, c), _of_class(t, c)
+                hits.append(match_at(pc, tc, COCO_IOUS)[0])   # one IoU matrix for the ten thresholds
+                scores.append(np.sort(pc.scores, kind="stable")[::-1])
+                images.append(np.full(len(pc), i))
+                counts[i] = len(tc)
+            s, im = (np.concatenate(a) if a else np.zeros(0) for a in (scores, images))
+            h_all = np.concatenate(hits, axis=1) if hits else np.zeros((len(COCO_IOUS), 0), bool)
+            order = np.argsort(-s, kind="mergesort")
+            for t in range(len(COCO_IOUS)):
                 # False positives after the last hit change no AP in any resample (recall stays, precision only
                 # falls, and the envelope already holds the precision at that hit): at mAP's 0.001 score threshold
                 # they are most of the predictions.
+                h = h_all[t]
                 hit_at = np.flatnonzero(h[order])
-                order = order[:hit_at[-1] + 1] if len(hit_at) else order[:0]
-                row.append(_Curve(im[order].astype(np.int64), h[order].astype(bool), counts))
-            curves.append(tuple(row))
-        return cls(len(truths), tuple(curves))
+                kept = order[:hit_at[-1] + 1] if len(hit_at) else order[:0]
+                curves[t].append(_Curve(im[kept].astype(np.int64), h[kept].astype(bool), counts))
+        return cls(len(truths), tuple(tuple(row) for row in curves))
 
     def values(self, weights: np.ndarray) -> np.ndarray:
         """(R, 2): mAP@0.5 and mAP@0.5:0.95 for each row of image weights (R, images)."""
