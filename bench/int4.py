@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, markdown_table, npz_reader, peak_rss_mb, run_child  # noqa: E402
 
 BLOCK = 32
-VARIANTS = ("int8-dynamic", "edgeq-rtn", "edgeq-rtn-qdq", "edgeq-gptq", "edgeq-awq", "edgeq-gptq-mixed", "edgeq-gptq+emb", "ort-rtn",
+VARIANTS = ("int8-dynamic", "edgeq-rtn", "edgeq-rtn-qdq", "edgeq-gptq", "edgeq-adaround", "edgeq-awq", "edgeq-gptq-mixed", "edgeq-gptq+emb", "ort-rtn",
             "ort-gptq", "ort-gptq-asym", "ort-hqq")
 
 
@@ -41,13 +41,14 @@ def child_quantize(variant: str, model: str, calib: str, out: str) -> None:
             "edgeq-rtn": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="rtn"),
             "edgeq-rtn-qdq": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="rtn", format="qdq"),
             "edgeq-gptq": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="gptq"),
+            "edgeq-adaround": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="adaround"),
             "edgeq-awq": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="awq"),
             "edgeq-gptq-mixed": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="gptq", int8_first_last=True, int8_auto=2),
             # the smallest file: the token embedding table in INT4 too (GatherBlockQuantized)
             "edgeq-gptq+emb": edgeq.Int4WeightOnly(block_size=BLOCK, algorithm="gptq", embeddings=True),
         }
         config = configs[variant]
-        data = edgeq.Dataset.from_npz(calib) if getattr(config, "algorithm", "rtn") in ("gptq", "awq") or getattr(config, "int8_auto", 0) else None
+        data = edgeq.Dataset.from_npz(calib) if getattr(config, "algorithm", "rtn") in ("gptq", "awq", "adaround") or getattr(config, "int8_auto", 0) else None
         edgeq.quantize(edgeq.load(model), config, calib=data).save(out, force=True)
     else:
         import onnx

@@ -51,13 +51,13 @@ def quantize(
     max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many calibration samples.")] = None,
     weight_range: Annotated[WeightRange, typer.Option(help="Static INT8 weight ranges: minmax, or mse (clipping that minimises the error).")] = WeightRange.minmax,
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Static INT8: correct each layer's bias for its mean quantization error.")] = False,
-    rounding: Annotated[Rounding, typer.Option(help="Static INT8: weight rounding: nearest, or adaround (learned on the calibration data, per layer).")] = Rounding.nearest,
+    rounding: Annotated[Rounding, typer.Option(help="Weight rounding: nearest, or adaround (learned on the calibration data, per layer; static INT8, and INT4 as --algorithm adaround).")] = Rounding.nearest,
     equalize: Annotated[bool, typer.Option("--equalize", help="Static INT8: cross-layer equalization of consecutive conv/linear layers.")] = False,
     smoothquant: Annotated[Optional[str], typer.Option(help="Static INT8: SmoothQuant for MatMul/Gemm inputs: migration strength alpha (e.g. 0.5), or auto (per layer).")] = None,
     coverage: Annotated[Coverage, typer.Option(help="Static INT8: measured (nodes whose int8 kernel measures slower than float here stay float) or all.")] = Coverage.measured,
     threads: Annotated[int, typer.Option(help="Static INT8: intra-op threads of the target, for --coverage measured.")] = 1,
     block_size: Annotated[int, typer.Option(help="INT4: weights per block along the reduction axis (16, 32, 64, 128).")] = 32,
-    algorithm: Annotated[Algorithm, typer.Option(help="INT4: auto (gptq with --calib, rtn without), rtn (round to nearest), gptq or awq (both need --calib).")] = Algorithm.auto,
+    algorithm: Annotated[Algorithm, typer.Option(help="INT4: auto (gptq with --calib, rtn without), rtn (round to nearest), gptq, awq or adaround (these need --calib).")] = Algorithm.auto,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="INT4: symmetric blocks, or a zero point per block.")] = True,
     int8_layers: Annotated[Optional[str], typer.Option(help="INT4: layers kept at INT8: first-last, auto:N (the N most sensitive), or node names, comma-separated.")] = None,
     int4_format: Annotated[Int4Format, typer.Option(help="INT4: nbits (ONNX Runtime MatMulNBits, fastest) or qdq (blocked DequantizeLinear, opset 21).")] = Int4Format.nbits,
@@ -88,10 +88,14 @@ def quantize(
                           block_nodes=tuple(exclude or ()))
         data = None
     elif precision is Precision.int4:
+        if rounding is Rounding.adaround and algorithm not in (Algorithm.auto, Algorithm.adaround):
+            raise UserError(f"--rounding adaround and --algorithm {algorithm.value} name two INT4 algorithms", "give one of them")
+        if rounding is Rounding.adaround:
+            algorithm = Algorithm.adaround
         config = cfg.Int4WeightOnly(block_size=block_size, symmetric=symmetric, algorithm=algorithm.value, format=int4_format.value,
                                     op_types=ops or ("MatMul", "Gemm"), embeddings=embeddings, exclude_nodes=tuple(exclude or ()),
                                     max_samples=max_samples, **parse_int8_layers(int8_layers))
-        if algorithm in (Algorithm.gptq, Algorithm.awq) and calib is None:
+        if algorithm in (Algorithm.gptq, Algorithm.awq, Algorithm.adaround) and calib is None:
             raise UserError(f"--algorithm {algorithm.value} needs calibration data", "pass --calib DATA (a few hundred sequences), or use --algorithm rtn")
         data = edgeq.open_data(calib, preset) if calib is not None else None
     elif mode is Mode.dynamic:

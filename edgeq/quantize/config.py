@@ -38,7 +38,7 @@ WEIGHT_RANGES = ("minmax", "mse")
 ROUNDINGS = ("nearest", "adaround")
 COVERAGES = ("measured", "all")
 HEAD_POLICIES = ("auto", "off")
-INT4_ALGORITHMS = ("auto", "rtn", "gptq", "awq")
+INT4_ALGORITHMS = ("auto", "rtn", "gptq", "awq", "adaround")
 INT4_FORMATS = ("nbits", "qdq")
 INT4_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -196,7 +196,9 @@ class Int4WeightOnly(Recipe):
     asymmetric); activations stay float. `algorithm` "auto" (default) is "gptq" with calibration data, "rtn" without;
     "rtn" rounds to nearest; "gptq" needs calibration data and
     compensates each column's rounding error with the inputs' Hessian; "awq" needs calibration data and scales
-    each input channel by its mean |activation|^alpha (searched) before rounding, and clips block ranges.
+    each input channel by its mean |activation|^alpha (searched) before rounding, and clips block ranges;
+    "adaround" needs calibration data and learns each weight's rounding (up or down) on RTN's grid to minimise the
+    layer's output error with the same Hessian (tools measured against gptq in bench/int4.py).
 
     `format` "nbits" writes ONNX Runtime's MatMulNBits (the fast CPU path, measured); "qdq" writes standard blocked
     DequantizeLinear (int4, opset 21) → MatMul. `accuracy_level` 4 lets MatMulNBits multiply with int8 activations

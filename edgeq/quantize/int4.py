@@ -3,7 +3,7 @@
 MatMul/Gemm weights become ONNX Runtime's `MatMulNBits` (com.microsoft), the format its CPU provider runs fastest
 (measured in bench/int4.py against standard blocked DequantizeLinear → MatMul at opset 21); embeddings (Gather) can
 become `GatherBlockQuantized`. Algorithms: `rtn` (round to nearest), `gptq` (second-order error compensation with
-the Hessian of calibration inputs) and `awq` (activation-aware per-channel scales and clipping, see awq.py). Layers
+the Hessian of calibration inputs), `adaround` (learned rounding on RTN's grid, int4_adaround.py) and `awq` (activation-aware per-channel scales and clipping, see awq.py). Layers
 can stay at INT8 (MatMulNBits with bits=8): named ones, the first and last, or the most sensitive by the relative
 output error that INT4 gives them on the calibration data.
 """
@@ -23,6 +23,7 @@ from edgeq.progress import track
 from edgeq.quantize.awq import quantize_awq
 from edgeq.quantize.config import Int4WeightOnly
 from edgeq.quantize.gptq import hessian, quantize_gptq
+from edgeq.quantize.int4_adaround import quantize_adaround
 from edgeq.quantize.packing import BlockQuant, dq_tensors, nbits_tensors, pack_int4, quantize_rtn
 from edgeq.quantize.prepare import INT4_OPSET
 from edgeq.quantize.summary import QuantSummary
@@ -31,6 +32,7 @@ from edgeq.runtimes import ONNX_RUNTIME
 # "auto" is GPTQ when calibration data is given, RTN without: on the docstring LM (bench/int4.py, bench/RESULTS.md)
 # GPTQ costs +0.05% perplexity against RTN's +0.27%, for 4 s instead of 0.3 s of quantization time.
 DATA_AWARE_DEFAULT = "gptq"
+DATA_ALGORITHMS = ("gptq", "awq", "adaround")
 MS_DOMAIN = "com.microsoft"
 
 
@@ -63,7 +65,7 @@ def quantize_int4(model: Model, config: Int4WeightOnly, calib: Dataset | None = 
     notes: list[str] = []
     inits = {t.name: t for t in proto.graph.initializer}
     targets, skipped = find_targets(proto, config)
-    needs_data = calib is not None and (config.algorithm in ("gptq", "awq") or config.int8_auto > 0)
+    needs_data = calib is not None and (config.algorithm in DATA_ALGORITHMS or config.int8_auto > 0)
     stats, samples = collect_stats(model, targets, calib, config) if needs_data else ({}, 0)
     if config.algorithm == "awq":
         quants, awq_notes = quantize_awq(proto, targets, stats, config)
@@ -115,7 +117,7 @@ def quantize_int4(model: Model, config: Int4WeightOnly, calib: Dataset | None = 
 
 
 def _check(config: Int4WeightOnly, calib: Dataset | None) -> None:
-    if config.algorithm in ("gptq", "awq") and calib is None:
+    if config.algorithm in DATA_ALGORITHMS and calib is None:
         raise DataError(f"{config.algorithm.upper()} needs calibration data",
                         "pass --calib DATA (a few hundred sequences), or use --algorithm rtn")
 
@@ -192,6 +194,8 @@ def collect_stats(model: Model, targets: list[Target], calib: Dataset, config: I
 def _quantize(t: Target, config: Int4WeightOnly, stats: ActStats | None) -> BlockQuant:
     if config.algorithm == "gptq" and stats is not None:
         return quantize_gptq(t.weight, stats.h, config.block_size, 4, config.symmetric, damp=config.damp)
+    if config.algorithm == "adaround" and stats is not None:
+        return quantize_adaround(t.weight, stats.h, stats.rows, config.block_size, 4, config.symmetric)
     return quantize_rtn(t.weight, config.block_size, 4, config.symmetric)
 
 

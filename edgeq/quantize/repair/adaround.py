@@ -133,9 +133,10 @@ def anneal_beta(step: int, settings: AdaRoundSettings) -> float | None:
     return low + 0.5 * (high - low) * (1 + np.cos(progress * np.pi))
 
 
-def learn_rounding(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, moments: Moments,
+def learn_rounding(w: np.ndarray, scale: np.ndarray, qmin: int | np.ndarray, qmax: int | np.ndarray, moments: Moments,
                    settings: AdaRoundSettings = AdaRoundSettings()) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes (g, o, d) for weights w (g, o, d) on the grid `scale` (broadcasting to w) chosen by AdaRound,
+    """Integer codes (g, o, d) for weights w (g, o, d) on the grid `scale` (broadcasting to w, as the code bounds
+    do: per weight for zero-pointed INT4 blocks) chosen by AdaRound,
     and the soft rounding h it ended with (for tests: every value is 0 or 1 when the regulariser did its job)."""
     w = w.astype(np.float32)
     scale = np.broadcast_to(np.asarray(scale, np.float32), w.shape)
