@@ -165,7 +165,7 @@ def validate(
     task: Annotated[str, typer.Option(help="auto (a detector head with --reference: detect), detect, or raw (tensor metrics).")] = "auto",
     decoder: Annotated[Optional[str], typer.Option(help="With --task detect: yolo, yolov5, ssd, picodet or module:function (default: by head shape).")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="With --task detect: ground-truth boxes (.npz boxes/classes/image/images, or COCO .json) for mAP.")] = None,
-    score_threshold: Annotated[Optional[float], typer.Option(help="With --task detect: boxes scoring below this are dropped (default 0.25; 0.001 for mAP).")] = None,
+    score_threshold: Annotated[Optional[float], typer.Option(help="With --task detect: boxes scoring below this are dropped (default: 0.25 for agreement with --reference, 0.001 for mAP with --labels).")] = None,
     iou: Annotated[Optional[float], typer.Option(help="With --task detect: NMS IoU (default 0.45 yolo/yolov5, 0.5 ssd/picodet).")] = None,
     preset: Preset = "raw",
     weights: Weights = None,

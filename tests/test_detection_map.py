@@ -135,6 +135,13 @@ def test_validate_with_labels_gives_map_and_compare_pairs_it_on_a_real_picodet(t
     assert lo <= fp32_record["value"] <= hi and hi - lo > 0
     assert {"map50", "map50_95"} <= set(fp32_record["metrics"]) and "box_f1" not in fp32_record["metrics"]
     assert fp16_record["metrics"]["box_f1"]["value"] > 0.95  # labels and reference together: mAP and agreement
+    # agreement on the boxes a user keeps (score > 0.25), as without labels; mAP on every box down to 0.001
+    alone = _cli("validate", str(tmp_path / "fp16.onnx"), "--data", str(pages.images), "--reference", str(fp32), "--task", "detect",
+                 "-o", "alone.json", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    alone_record = json.loads((tmp_path / "alone.json").read_text())
+    assert alone_record["metrics"]["box_f1"] == fp16_record["metrics"]["box_f1"]
+    assert any("agreement with the reference on the boxes scoring above 0.25" in w for w in fp16_record["warnings"])
     assert any("labelled boxes of 6 images" in w for w in fp32_record["warnings"])
     done = _cli("compare", "fp32.json", "fp16.json", "--json", "cmp.json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

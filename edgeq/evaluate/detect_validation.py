@@ -34,7 +34,9 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
         raise UserError("--task detect measures boxes against ground truth or a reference model",
                         "pass --labels BOXES (.npz or COCO .json) or --reference FP32_MODEL")
     truths = read_detection_labels(labels) if labels is not None else None
-    if score_threshold is None:  # mAP integrates over every score; agreement compares the boxes a user keeps
+    # mAP integrates over every score; agreement compares the boxes a user keeps (with both, each at its own default)
+    agreement_threshold = DEFAULT_SCORE if score_threshold is None else score_threshold
+    if score_threshold is None:
         score_threshold = MAP_SCORE if truths is not None else DEFAULT_SCORE
     data = open_data(data) if isinstance(data, (str, Path)) else data
     subject, label = _load(model)
@@ -50,6 +52,8 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
     iou = DEFAULT_IOU.get(decoder, 0.5) if iou is None else iou
     notes.append(f"boxes after score threshold {score_threshold:g}, NMS IoU {iou:g}, at most {max_detections} per image; "
                  "matched at IoU 0.5 within a class")
+    if reference is not None and agreement_threshold != score_threshold:
+        notes.append(f"agreement with the reference on the boxes scoring above {agreement_threshold:g} (mAP uses them all)")
     ref = _Reference.open(reference) if reference is not None else None
     follow_layout(subject, data, None if ref is None else ref.model)
     if ref is not None:
@@ -74,7 +78,7 @@ def validate_detection(model: Path | str | Model, data: Dataset | Path | str, re
         per_sample["boxes"] = np.array([len(d) for d in found], np.float64)
         notes.append(f"mAP on {sum(len(t) for t in truths)} labelled boxes of {len(truths)} images ({labels})")
     if ref is not None:
-        cols = detect_columns(found, referenced)
+        cols = detect_columns([d.above(agreement_threshold) for d in found], [d.above(agreement_threshold) for d in referenced])
         agreement = detect_metrics(cols)
         metrics.update(agreement)
         per_sample.update({k: cols[k] for k in agreement})

@@ -24,6 +24,12 @@ class Detections:
     def __len__(self) -> int:
         return len(self.boxes)
 
+    def above(self, score: float) -> Detections:
+        """The boxes scoring above `score`: after NMS this equals decoding at that threshold (a box is suppressed only by
+        higher-scoring ones), unless the per-image cap cut boxes above it."""
+        keep = self.scores > score
+        return Detections(self.boxes[keep], self.scores[keep], self.classes[keep])
+
     @classmethod
     def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
