@@ -166,9 +166,11 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] if text else type(exc).__name__
 
 
-def make_session(proto_or_path: onnx.ModelProto | str | Path, threads: int = 1, optimize: bool = True, spinning: bool = True):
+def make_session(proto_or_path: onnx.ModelProto | str | Path, threads: int = 1, optimize: bool = True, spinning: bool = True,
+                 profile_prefix: str | None = None):
     """An ONNX Runtime CPU session with a fixed thread count (imported lazily: onnxruntime is heavy). Without
-    `spinning`, idle intra-op threads sleep instead of polling (the benchmark's workers take turns)."""
+    `spinning`, idle intra-op threads sleep instead of polling (the benchmark's workers take turns); with a
+    `profile_prefix`, it records each kernel's time to a file starting so (`session.end_profiling()` names it)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -179,6 +181,9 @@ def make_session(proto_or_path: onnx.ModelProto | str | Path, threads: int = 1, 
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 

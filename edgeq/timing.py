@@ -60,9 +60,9 @@ class Speedup:
 def median_ms(proto, feed: dict[str, np.ndarray], runs: int, threads: int = 1) -> float:
     """In-process median latency of one feed after one warm-up run: a quick ratio between models (the benchmark
     proper, `benchmark`, runs each model in its own worker process)."""
-    from edgeq.model import make_session
+    from edgeq.runtimes import ONNX_RUNTIME
 
-    session = make_session(proto, threads=threads)
+    session = ONNX_RUNTIME.open_graph(proto, threads=threads)
     session.run(None, feed)
     times = []
     for _ in range(runs):
@@ -75,13 +75,9 @@ def median_ms(proto, feed: dict[str, np.ndarray], runs: int, threads: int = 1) -
 def interleaved_round_ms(protos: Sequence, feed: dict[str, np.ndarray], threads: int, rounds: int, runs_per_round: int) -> list[list[float]]:
     """In-process interleaved timing of several models on one feed: per model, the median of each round's burst
     (order rotating by round, one untimed run before each burst). Pair them with `Speedup.of`."""
-    import onnxruntime as ort
+    from edgeq.runtimes import ONNX_RUNTIME
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 4
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = [ort.InferenceSession(p.SerializeToString(), opts, providers=["CPUExecutionProvider"]) for p in protos]
+    sessions = [ONNX_RUNTIME.open_graph(p, threads=threads, spinning=False) for p in protos]
     for session in sessions:
         session.run(None, feed)
     found: list[list[float]] = [[] for _ in sessions]

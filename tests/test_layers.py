@@ -92,3 +92,16 @@ def test_the_scan_sees_function_level_imports(tmp_path):
     assert _owner("edgeq.quantize.int8", table) < _owner("edgeq.auto", table)
     assert _owner("edgeq.quantize.repair.smoothquant", table) < _owner("edgeq.quantize.qdq", table)
     assert _owner("edgeq.unlisted", table) is None and _owner("edgeq", table) == len(LAYERS) - 1
+
+
+# The runtime seam: ONNX Runtime sessions are opened in its implementation only (edgeq.model builds them,
+# edgeq/runtimes wraps them); everything else asks a Runtime or ONNX_RUNTIME for one.
+SESSION_HOMES = {ROOT / "model.py"} | set((ROOT / "runtimes").rglob("*.py"))
+
+
+def test_sessions_are_opened_only_behind_the_runtime_seam():
+    bypasses = [f"{path.relative_to(ROOT.parent)}:{number}"
+                for path in sorted(ROOT.rglob("*.py")) if path not in SESSION_HOMES
+                for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if "InferenceSession(" in line]
+    assert not bypasses, f"ONNX Runtime sessions opened outside the runtime seam: {bypasses}"
+    assert any("InferenceSession(" in path.read_text(encoding="utf-8") for path in SESSION_HOMES)  # the scan sees the home

@@ -84,3 +84,22 @@ def test_smoothquant_auto_on_a_model_without_smoothable_layers_says_so():
     x = np.concatenate([if_inputs(True, 32, 1), if_inputs(False, 32, 2)])
     q = edgeq.quantize(Model(if_model(), None), edgeq.Int8Static(method="minmax", smoothquant="auto"), calib=_if_calib(x))
     assert q.summary.calibration["repairs"]["smoothquant"] == {"alpha": "auto", "alphas": {}, "activations": 0}
+
+
+def test_method_auto_without_a_holdout_ships_the_model_it_scored(monkeypatch):
+    """Too few samples to hold back: the chosen method's ranges are the ones it was scored with, so its scored QDQ
+    model ships (one build per method, none again), byte-identical to a fresh build from the final ranges."""
+    from edgeq.calibrate import HOLDOUT_MIN, METHODS
+    from edgeq.quantize import passes
+    from edgeq.quantize.qdq import build_qdq
+
+    built = []
+    monkeypatch.setattr(passes, "build_qdq", lambda *a, **k: built.append(a[2]) or build_qdq(*a, **k))
+    config = edgeq.Int8Static(method="auto")
+    data = _counting(CONV_X[:HOLDOUT_MIN])   # too few samples to hold any back
+    prepared, notes = prepare_static(Model(make_conv_model(), None), config)
+    state = run_passes(static_passes(config), StaticState(prepared, config, data, True, notes))
+    assert state.held_samples == 0 and len(built) == len(METHODS) and data.reads == 1
+    fresh = build_qdq(state.prepared, config, state.calibration.ranges)
+    assert state.result.proto.SerializeToString() == fresh.proto.SerializeToString()
+    assert state.scored is None   # not kept past the build

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from edgeq.model import Model
+from edgeq.runtimes import ONNX_RUNTIME
 from edgeq.timing import Speedup, interleaved_round_ms
 
 MAX_PASSES = 4
@@ -79,15 +80,8 @@ class CoverageReport:
 
 def node_times_us(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, runs: int) -> dict[str, tuple[str, float]]:
     """Median kernel time (µs) of each node ONNX Runtime runs, by its (optimized) node name: {name: (op, µs)}."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 4
-    opts.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="edgeq-profile-") as tmp:
-        opts.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = ONNX_RUNTIME.open_profiled(proto, threads, os.path.join(tmp, "profile"))
         for _ in range(runs + 2):
             session.run(None, feed)
         with open(session.end_profiling()) as fh:
@@ -216,9 +210,7 @@ def annotate(summary, report: CoverageReport) -> None:
 
 def _budget(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int) -> tuple[int, int]:
     """Profiled runs per model and timing rounds that fit the budget, from one timed run of the FP32 model."""
-    from edgeq.model import make_session
-
-    session = make_session(proto, threads=threads)
+    session = ONNX_RUNTIME.open_graph(proto, threads=threads)
     session.run(None, feed)
     begin = time.perf_counter()
     session.run(None, feed)
@@ -257,8 +249,6 @@ def _cache_folder() -> Path:
 def _cache_key(proto: onnx.ModelProto, feed: dict[str, np.ndarray], targets: set[str], threads: int, recipe: dict) -> str:
     """The graph without weight values (shapes and types kept), the feed's shapes, the recipe, this CPU and runtime,
     and this module's source (a changed rule measures again)."""
-    import onnxruntime as ort
-
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(proto)
     for tensor in skeleton.graph.initializer:
@@ -267,7 +257,7 @@ def _cache_key(proto: onnx.ModelProto, feed: dict[str, np.ndarray], targets: set
         tensor.dims.extend(dims)
         tensor.data_type, tensor.name = dtype, name
     digest = hashlib.sha256(skeleton.SerializeToString(deterministic=True))
-    machine = {"rule": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), "ort": ort.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
+    machine = {"rule": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), "ort": ONNX_RUNTIME.version(), "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
                "shapes": {k: list(v.shape) for k, v in sorted(feed.items())}, "targets": sorted(targets), "recipe": recipe}
     digest.update(json.dumps(machine, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]

@@ -31,11 +31,14 @@ BASELINE = "mse"
 
 
 def choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Observed,
-                  build: Callable[[dict[str, tuple]], Model], first: list[Batch] | None = None) -> tuple[str, dict[str, float], str]:
-    """(chosen method, output SQNR per method, a note saying what the scores were measured on). `build` turns
-    ranges into the QDQ model that would ship; `first`, the first HOLDOUT_MAX calibration samples when the caller
-    kept them (else they are read again), are scored on when none were held back."""
-    held = seen.holdout
+                  build: Callable[[dict[str, tuple]], Model], first: list[Batch] | None = None
+                  ) -> tuple[str, dict[str, float], str, Model | None]:
+    """(chosen method, output SQNR per method, a note saying what the scores were measured on, the chosen method's
+    scored QDQ model when none were held back, else None). `build` turns ranges into the QDQ model that would ship;
+    `first`, the first HOLDOUT_MAX calibration samples when the caller kept them (else they are read again), are
+    scored on when none were held back. With nothing held back the ranges that ship are the scored ones, so the
+    scored model of the baseline and of the best method so far are kept (at most two: one of them is chosen)."""
+    held, keep = seen.holdout, not seen.holdout
     note = f"--method auto: output fidelity measured on {sum(b.size for b in held)} held-back calibration samples"
     if not held:
         held = first if first is not None else list(batches(calib, prepared.inputs, config.batch_size, max_samples=HOLDOUT_MAX))
@@ -44,12 +47,22 @@ def choose_method(prepared: Model, calib: Dataset, config: Int8Static, seen: Obs
     reference = ONNX_RUNTIME.open_graph(prepared.proto, threads=0)
     names = [o.name for o in prepared.proto.graph.output]
     expected = [reference.run(names, b.inputs) for b in held]
-    scores = {}
+    scores: dict[str, float] = {}
+    kept: dict[str, Model] = {}
     for method in track(METHODS, "--method auto: scoring each method", total=len(METHODS)):
         ranges = seen.ranges(method, percentile=config.percentile, symmetric=config.activation_type == "int8")
-        session = ONNX_RUNTIME.open_graph(build(ranges).proto, threads=0)
+        built = build(ranges)
+        session = ONNX_RUNTIME.open_graph(built.proto, threads=0)
         scores[method] = round(output_sqnr(expected, [session.run(names, b.inputs) for b in held]), 2)
-    return pick(scores), scores, note
+        if keep:
+            rival = next((m for m in kept if m != BASELINE), None)   # the best other method so far (earlier wins ties)
+            if method == BASELINE:
+                kept[method] = built
+            elif rival is None or scores[method] > scores[rival]:
+                kept.pop(rival, None)
+                kept[method] = built
+    chosen = pick(scores)
+    return chosen, scores, note, kept.get(chosen)
 
 
 def pick(scores: dict[str, float]) -> str:

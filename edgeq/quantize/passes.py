@@ -112,9 +112,10 @@ class CalibrateRanges:
         state.seen = observed(stats["ranges"], state.calib, state.collected)
         state.method, state.held_samples = config.method, sum(b.size for b in state.seen.holdout)
         if config.method == "auto":
-            state.method, state.scores, held_note = choose_method(state.prepared, state.calib, config, state.seen,
-                                                                  lambda ranges: build_qdq(state.prepared, config, ranges),
-                                                                  stats["first"].batches)
+            # With nothing held back the chosen method's scored model has the ranges that ship: BuildQdq takes it.
+            state.method, state.scores, held_note, state.scored = choose_method(
+                state.prepared, state.calib, config, state.seen, lambda ranges: build_qdq(state.prepared, config, ranges),
+                stats["first"].batches)
             state.notes.append(held_note)
             state.seen.include_holdout()
         state.calibration = to_calibration(state.seen, state.method, percentile=config.percentile,
@@ -123,7 +124,7 @@ class CalibrateRanges:
 
 
 class BuildQdq:
-    """The QDQ model from the ranges (`qdq.build_qdq`)."""
+    """The QDQ model from the ranges (`qdq.build_qdq`), or the one `--method auto` built from the same ranges."""
 
     name, changes_float = "build_qdq", False
 
@@ -131,7 +132,8 @@ class BuildQdq:
         return []
 
     def apply(self, state: StaticState, stats: dict) -> None:
-        state.result = build_qdq(state.prepared, state.config, state.calibration.ranges)
+        state.result = state.scored or build_qdq(state.prepared, state.config, state.calibration.ranges)
+        state.scored = None
 
 
 class MeasuredCoverage:

@@ -56,6 +56,7 @@ class StaticState:
     scores: dict[str, float] | None = None
     calibration: Calibration | None = None
     calibration_seconds: float = 0.0
+    scored: Model | None = None                            # --method auto's QDQ model of the chosen ranges, when it scored them
     result: Model | None = None
     coverage: CoverageReport | None = None                 # with --coverage measured
     reads: list[str] = field(default_factory=list)        # one entry per pass over the calibration data: its passes

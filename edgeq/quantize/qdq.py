@@ -119,7 +119,7 @@ def prepare_and_calibrate_each(model: Model, calib: Dataset, config: Int8Static,
                    max_samples=config.max_samples, holdout="auto" in methods)
     auto = None
     if "auto" in methods:  # what `quantize` ships by default, chosen the same way (then every method's ranges see all data)
-        chosen, _, held_note = choose_method(prepared, calib, config, seen, lambda ranges: build_qdq(prepared, config, ranges))
+        chosen, _, held_note, _ = choose_method(prepared, calib, config, seen, lambda ranges: build_qdq(prepared, config, ranges))
         auto = (chosen, [held_note, f"--method auto chose {chosen}"])
         seen.include_holdout()
     out = {}

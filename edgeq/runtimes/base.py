@@ -69,6 +69,7 @@ class GraphRuntime(Protocol):
 
     name: str
 
-    def open_graph(self, proto: onnx.ModelProto, threads: int = 1, *, optimize: bool = True) -> Session:
-        """A session on the graph (`threads` 0: the runtime's default), failing as the runtime fails to load it."""
+    def open_graph(self, proto: onnx.ModelProto, threads: int = 1, *, optimize: bool = True, spinning: bool = True) -> Session:
+        """A session on the graph (`threads` 0: the runtime's default), failing as the runtime fails to load it;
+        without `spinning`, idle threads sleep (in-process timing of several models in turn)."""
         ...

@@ -37,9 +37,14 @@ class OnnxRuntime:
             raise ModelError(f"ONNX Runtime cannot load {path}: {first}",
                              "check that the model runs in ONNX Runtime (operators, opset, types)") from None
 
-    def open_graph(self, proto: onnx.ModelProto, threads: int = 1, *, optimize: bool = True):
+    def open_graph(self, proto: onnx.ModelProto, threads: int = 1, *, optimize: bool = True, spinning: bool = True):
         """A CPU session on an in-memory graph (calibration and the passes); `threads` 0 is ONNX Runtime's default."""
-        return make_session(proto, threads=threads, optimize=optimize)
+        return make_session(proto, threads=threads, optimize=optimize, spinning=spinning)
+
+    def open_profiled(self, proto: onnx.ModelProto, threads: int, profile_prefix: str):
+        """A CPU session on an in-memory graph that records each kernel's time (ONNX Runtime's profiler: its JSON
+        file, named by `session.end_profiling()`, starts with `profile_prefix`); the coverage search reads it."""
+        return make_session(proto, threads=threads, profile_prefix=profile_prefix)
 
     def files(self, path: Path) -> list[Path]:
         return list(model_files(path))
