@@ -72,7 +72,9 @@ def test_fp32_map_finds_the_rendered_text(ocr):
 def test_cli_quantizes_ppocr_with_an_npz(ocr):
     out = ocr["folder"] / "cli_int8.onnx"
     proc = subprocess.run([sys.executable, "-m", "edgeq.cli", "quantize", str(zoo.ppocr_det_path()), "-o", str(out),
-                           "--calib", str(ocr["calib"])], capture_output=True, text=True)
+                           "--calib", str(ocr["calib"]), "--coverage", "all"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    # every Conv: the default (measured coverage) keeps in float the ones this machine's int8 kernels run slower,
+    # which varies by machine and load (26 to 62 of them measured here)
     assert "Conv ×62" in proc.stdout
     assert out.stat().st_size * 3 <= zoo.ppocr_det_path().stat().st_size
